@@ -1,0 +1,314 @@
+"""params.yaml -> one frozen, typed configuration.
+
+Every stage reads its own section. Unknown keys, wrong types and out-of-range values are refused with
+one line naming the key and what is allowed (nanoGPT's configurator, with types). Overrides come from
+`--set section.key=value` on the CLI, `dvc exp run -S`, or Airflow trigger Params; all go through
+:func:`load_config`, so a value is checked the same way wherever it comes from.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import warnings
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from tasks.errors import UserError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_PARAMS = REPO_ROOT / "params.yaml"
+
+Policy = Literal["error", "drop"]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
+
+
+class DataPolicies(_Section):
+    """What each validation check does with an offending row: `error` stops, `drop` removes it."""
+
+    blank: Policy = "drop"
+    duplicate: Policy = "drop"
+    near_duplicate: Policy = "drop"
+    too_long: Policy = "drop"
+    control_tokens: Policy = "drop"
+    missing_eos: Policy = "error"
+
+
+class DataConfig(_Section):
+    source: str = "data/qa.jsonl"
+    format: Literal["auto", "jsonl", "csv", "parquet"] = "auto"
+    allowed_roots: tuple[str, ...] = ("data",)
+    eval_fraction: float = Field(0.1, gt=0.0, lt=1.0)
+    split_salt: str = "qa-lora-v1"
+    min_rows: int = Field(100, ge=1)
+    max_rows: int = Field(1_000_000, ge=1)
+    max_drop_fraction: float = Field(0.25, ge=0.0, le=1.0)
+    max_row_bytes: int = Field(65_536, ge=1)
+    near_duplicate_threshold: float = Field(0.9, gt=0.0, le=1.0)
+    policies: DataPolicies = DataPolicies()
+    dvc_remote: str = "dvc-remote"
+
+
+class TinyBaseConfig(_Section):
+    """Recipe for the embedded tiny Llama (built by `qa-lora base`)."""
+
+    vocab_size: int = Field(4096, ge=256, le=65536)
+    hidden_size: int = Field(256, ge=16)
+    intermediate_size: int = Field(688, ge=16)
+    num_hidden_layers: int = Field(4, ge=1)
+    num_attention_heads: int = Field(4, ge=1)
+    num_key_value_heads: int = Field(4, ge=1)
+    max_position_embeddings: int = Field(512, ge=64)
+    pretrain_steps: int = Field(600, ge=0)
+    pretrain_batch_size: int = Field(16, ge=1)
+    pretrain_seq_len: int = Field(128, ge=16)
+    pretrain_learning_rate: float = Field(3e-3, gt=0.0)
+    seed: int = 1234
+
+
+class BaseConfig(_Section):
+    name_or_path: str = "models/tiny-base"
+    # `tiny`: build the embedded model at name_or_path when it is missing; `hub`: a hub id or local dir.
+    kind: Literal["tiny", "hub"] = "tiny"
+    revision: str | None = None
+    trust_remote_code: bool = False
+    allow_pickle_weights: bool = False
+    tiny: TinyBaseConfig = TinyBaseConfig()
+
+
+class LoraSection(_Section):
+    r: int = Field(8, gt=0, le=1024)
+    alpha: int = Field(16, gt=0)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    bias: Literal["none", "all", "lora_only"] = "none"
+
+    @field_validator("target_modules", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return (value,) if isinstance(value, str) else value
+
+
+class TrainConfig(_Section):
+    num_train_epochs: float = Field(3.0, gt=0.0)
+    max_steps: int = Field(-1, ge=-1)  # -1: run num_train_epochs; >0 overrides it
+    per_device_train_batch_size: int = Field(16, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    learning_rate: float = Field(2e-3, gt=0.0, le=1.0)
+    lr_scheduler_type: Literal[
+        "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_min_lr"
+    ] = "cosine"
+    warmup_ratio: float = Field(0.03, ge=0.0, lt=1.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    max_grad_norm: float = Field(1.0, gt=0.0)
+    group_by_length: bool = True
+    max_length: int = Field(256, ge=8)
+    optim: str = "adamw_torch"
+    seed: int = 42
+    logging_steps: int = Field(10, ge=1)
+    save_steps: int = Field(50, ge=1)
+    save_total_limit: int = Field(2, ge=1)
+    num_processes: int = Field(1, ge=1, le=64)
+    distributed: Literal["ddp", "fsdp"] = "ddp"
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    gradient_checkpointing: Literal["auto"] | bool = "auto"
+    attn_implementation: Literal["auto", "eager", "sdpa", "flash_attention_2"] = "auto"
+
+
+class EvalConfig(_Section):
+    max_rows: int = Field(200, ge=1)
+    max_new_tokens: int = Field(64, ge=1)
+    batch_size: int = Field(32, ge=1)
+    bootstrap_samples: int = Field(1000, ge=100)
+    confidence: float = Field(0.95, gt=0.5, lt=1.0)
+    seed: int = 0
+    primary_metrics: tuple[str, ...] = ("token_f1", "rouge_l")
+
+
+class GateConfig(_Section):
+    primary_metric: str = "token_f1"
+    min_improvement: float = 0.0  # the CI's lower bound on candidate-minus-base must exceed this
+    max_regression: float = Field(0.02, ge=0.0)  # allowed drop vs the champion, per metric and slice
+    min_slice_size: int = Field(20, ge=1)
+    min_eos_rate: float = Field(0.5, ge=0.0, le=1.0)
+    max_empty_rate: float = Field(0.1, ge=0.0, le=1.0)
+    on_fail: Literal["skip", "fail"] = "skip"
+
+
+class ExportConfig(_Section):
+    opset: int = Field(18, ge=14)
+    logits_atol: float = Field(1e-4, gt=0.0)
+    parity_prompts: int = Field(8, ge=1)
+    parity_new_tokens: int = Field(16, ge=1)
+    variants: tuple[Literal["fp16", "int8"], ...] = ()
+    provider: Literal["auto", "MIGraphX", "ROCM", "CUDA", "CPU"] = "auto"
+
+
+class RegisterConfig(_Section):
+    tracking_uri: str = "sqlite:///mlflow.db"
+    experiment: str = "qa-lora"
+    model_name: str = "qa-lora"
+    promote: bool = True
+    require_approval: bool = False
+
+
+class RuntimeConfig(_Section):
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # "cuda" also addresses ROCm GPUs
+    run_dir: str = "runs/local"
+    num_threads: int = Field(0, ge=0)  # 0: let torch decide
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+
+# `register` is a stage name; pydantic warns that it shadows ABCMeta.register, which nobody calls here.
+warnings.filterwarnings("ignore", message='Field name "register"', category=UserWarning)
+
+
+class Config(_Section):
+    data: DataConfig = DataConfig()
+    base: BaseConfig = BaseConfig()
+    lora: LoraSection = LoraSection()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    gate: GateConfig = GateConfig()
+    export: ExportConfig = ExportConfig()
+    register: RegisterConfig = RegisterConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain, JSON/YAML-safe dict (tuples become lists)."""
+        return json.loads(self.model_dump_json())
+
+    def params_hash(self) -> str:
+        """Stable short hash of the effective config, for lineage tags."""
+        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def resolve(self, path: str | Path) -> Path:
+        """A config path (relative paths are relative to the repository root) as an absolute path."""
+        p = Path(path)
+        return p if p.is_absolute() else REPO_ROOT / p
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    if not path.is_file():
+        raise UserError(f"{path}: params file not found")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise UserError(f"{path}:{where} is not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
+    parent = raw.pop("extends", None)
+    if parent is None:
+        return raw
+    parent_path = (path.parent / str(parent)).resolve()
+    if parent_path in seen:
+        raise UserError(f"{path}: 'extends' forms a cycle through {parent_path}")
+    return _deep_merge(_read_yaml(parent_path, (*seen, path.resolve())), raw)
+
+
+def _deep_merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`section.key=value` -> (["section", "key"], typed value). Values are parsed as YAML."""
+    key, sep, text = item.partition("=")
+    if not sep or not key.strip():
+        raise UserError(f"--set {item!r}: expected section.key=value")
+    parts = key.strip().split(".")
+    if len(parts) < 2 or not all(parts):
+        raise UserError(f"--set {item!r}: key must name a section and a key, e.g. train.learning_rate")
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text
+    return parts, value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: Iterable[str | tuple[str, Any]]) -> dict[str, Any]:
+    """Apply `section.key=value` strings (or (dotted key, value) pairs) to a raw params dict."""
+    out = _deep_merge({}, raw)
+    for item in overrides:
+        if isinstance(item, str):
+            parts, value = parse_override(item)
+        else:
+            parts, value = item[0].split("."), item[1]
+        node = out
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            elif not isinstance(child, dict):
+                raise UserError(f"--set {'.'.join(parts)}: {part!r} is a value, not a section")
+            else:
+                child = node[part] = dict(child)
+            node = child
+        node[parts[-1]] = value
+    return out
+
+
+def _describe(error: dict[str, Any], model: type[BaseModel]) -> str:
+    loc = ".".join(str(p) for p in error["loc"])
+    kind = error["type"]
+    got = error.get("input")
+    if kind == "extra_forbidden":
+        section = model
+        for part in error["loc"][:-1]:
+            field = section.model_fields.get(str(part))
+            section = field.annotation if field is not None else None  # type: ignore[assignment]
+            if not (isinstance(section, type) and issubclass(section, BaseModel)):
+                break
+        allowed = ", ".join(section.model_fields) if isinstance(section, type) else "?"
+        return f"unknown key {loc!r}; allowed keys here: {allowed}"
+    return f"{loc}: {error['msg'].lower()} (got {got!r})"
+
+
+def load_config(
+    params: str | Path | None = None,
+    overrides: Iterable[str | tuple[str, Any]] = (),
+) -> Config:
+    """Load params.yaml (or an overlay that `extends` it), apply overrides, validate.
+
+    Args:
+        params: path to a params file; defaults to the repository's params.yaml.
+        overrides: `section.key=value` strings or (dotted key, value) pairs, applied in order.
+
+    Returns:
+        The frozen configuration.
+
+    Raises:
+        UserError: one line naming the file, the key and what is allowed.
+    """
+    path = Path(params) if params is not None else DEFAULT_PARAMS
+    raw = apply_overrides(_read_yaml(path), overrides)
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        more = len(exc.errors()) - 1
+        suffix = f" (and {more} more problem{'s' * (more > 1)})" if more else ""
+        raise UserError(f"{path}: {_describe(first, Config)}{suffix}") from None
+
+
+def save_config(cfg: Config, path: Path) -> Path:
+    """Write the effective config (what a run actually used) as YAML."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    path.write_text(f"# effective config, params hash {cfg.params_hash()}\n{text}", encoding="utf-8")
+    return path

@@ -1,0 +1,213 @@
+"""Device detection and the per-device training plan (precision, checkpointing, attention).
+
+Split in two so the decisions are testable without the hardware: :func:`detect_capabilities` reads
+torch, :func:`plan_device` decides from a :class:`DeviceCaps` alone. Nothing here is left to library
+defaults: TRL 1.x defaults to bf16 + gradient checkpointing, which made a CPU run 21x slower here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import platform
+from dataclasses import dataclass, field
+from typing import Literal
+
+Backend = Literal["rocm", "cuda", "cpu"]
+
+# Environment worth setting on ROCm (documented in AMD's tuning guides); only set when absent.
+ROCM_ENV = {
+    "TORCH_BLAS_PREFER_HIPBLASLT": "1",  # hipBLASLt GEMMs are faster than rocBLAS on MI300X
+    "HIP_FORCE_DEV_KERNARG": "1",  # kernel arguments in device memory: lower launch latency
+    "PYTORCH_TUNABLEOP_ENABLED": "0",  # opt-in: tuning costs minutes on the first steps
+}
+
+
+@dataclass(frozen=True)
+class DeviceCaps:
+    """What the machine can do, as far as training decisions go."""
+
+    backend: Backend
+    torch_version: str
+    hip_version: str | None = None
+    cuda_version: str | None = None
+    gpu_names: tuple[str, ...] = ()
+    gpu_memory_bytes: tuple[int, ...] = ()
+    bf16_native: bool = False  # hardware bf16 matmuls (MI300X, Ampere+, CPUs with AMX/avx512_bf16)
+    fp16_native: bool = False
+    flash_attn_installed: bool = False
+    cpu_count: int = 1
+    cpu_flags: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class DevicePlan:
+    """The decisions made for one training run, each with its reason (logged and summarised)."""
+
+    device: str  # the torch device string ("cuda" also on ROCm)
+    backend: Backend
+    precision: Literal["bf16", "fp16", "fp32"]
+    gradient_checkpointing: bool
+    attn_implementation: str
+    env: dict[str, str] = field(default_factory=dict)
+    reasons: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, object]:
+        return dataclasses.asdict(self)
+
+
+def _cpu_flags() -> tuple[str, ...]:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    return tuple(sorted(line.split(":", 1)[1].split()))
+    except OSError:
+        pass
+    return ()
+
+
+def detect_capabilities(requested: Literal["auto", "cpu", "cuda"] = "auto") -> DeviceCaps:
+    """Read the machine: torch build (ROCm/CUDA/CPU), GPUs, bf16 support.
+
+    Args:
+        requested: `runtime.device`; "cpu" ignores GPUs, "cuda" requires one (ROCm included).
+    """
+    import importlib.util
+
+    import torch
+
+    from tasks.errors import UserError
+
+    hip = getattr(torch.version, "hip", None)
+    has_gpu = torch.cuda.is_available() and requested != "cpu"
+    if requested == "cuda" and not has_gpu:
+        raise UserError(
+            "runtime.device: 'cuda' was requested but torch sees no GPU "
+            f"(torch {torch.__version__}, built for {'ROCm ' + hip if hip else torch.version.cuda or 'CPU'})"
+        )
+    flags = _cpu_flags()
+    common = dict(
+        torch_version=torch.__version__,
+        hip_version=hip,
+        cuda_version=torch.version.cuda,
+        flash_attn_installed=importlib.util.find_spec("flash_attn") is not None,
+        cpu_count=os.cpu_count() or 1,
+        cpu_flags=tuple(f for f in flags if f in {"avx512_bf16", "amx_bf16", "avx512f", "avx2"}),
+    )
+    if has_gpu:
+        n = torch.cuda.device_count()
+        props = [torch.cuda.get_device_properties(i) for i in range(n)]
+        return DeviceCaps(
+            backend="rocm" if hip else "cuda",
+            gpu_names=tuple(p.name for p in props),
+            gpu_memory_bytes=tuple(int(p.total_memory) for p in props),
+            bf16_native=bool(torch.cuda.is_bf16_supported()),
+            fp16_native=True,
+            **common,
+        )
+    return DeviceCaps(
+        backend="cpu",
+        # avx512_bf16 only adds dot-product instructions; bf16 training on such CPUs measured slower
+        # than fp32 here. AMX tiles (Sapphire Rapids and later) are what make CPU bf16 pay off.
+        bf16_native="amx_bf16" in flags,
+        **common,
+    )
+
+
+def plan_device(
+    caps: DeviceCaps,
+    precision: str = "auto",
+    gradient_checkpointing: str | bool = "auto",
+    attn_implementation: str = "auto",
+    train_bytes_estimate: int | None = None,
+) -> DevicePlan:
+    """Decide precision, checkpointing and attention for `caps`.
+
+    Args:
+        caps: the machine (real or faked in tests).
+        precision: `train.precision`; "auto" picks bf16 where the hardware has it natively, else fp32
+            (fp16 is only used when asked: it needs loss scaling and overflows more often).
+        gradient_checkpointing: `train.gradient_checkpointing`; "auto" turns it on only when the
+            estimated training memory exceeds 80% of the smallest GPU's memory.
+        attn_implementation: `train.attn_implementation`; "auto" uses flash-attention 2 where it is
+            installed on a GPU, otherwise PyTorch SDPA (AOTriton on ROCm).
+        train_bytes_estimate: estimated peak training memory per device, if known.
+
+    Returns:
+        The plan with a reason for every decision.
+    """
+    reasons: list[str] = []
+    on_gpu = caps.backend in ("rocm", "cuda")
+
+    if precision == "auto":
+        chosen = "bf16" if caps.bf16_native else "fp32"
+        why = "native bf16" if caps.bf16_native else "no native bf16 (emulated bf16 is slower)"
+        reasons.append(f"precision={chosen}: auto on {caps.backend}, {why}")
+    else:
+        chosen = precision
+        if chosen == "bf16" and not caps.bf16_native:
+            reasons.append("precision=bf16: requested although this device emulates bf16 (slow)")
+        elif chosen == "fp16" and not on_gpu:
+            from tasks.errors import UserError
+
+            raise UserError("train.precision: fp16 needs a GPU; use fp32 or auto on CPU")
+        else:
+            reasons.append(f"precision={chosen}: requested")
+
+    if gradient_checkpointing == "auto":
+        budget = min(caps.gpu_memory_bytes) if caps.gpu_memory_bytes else None
+        need = bool(on_gpu and budget and train_bytes_estimate and train_bytes_estimate > 0.8 * budget)
+        gc = need
+        if need:
+            reasons.append(
+                f"gradient_checkpointing=on: estimated {train_bytes_estimate / 2**30:.1f} GiB "
+                f"> 80% of {budget / 2**30:.1f} GiB"
+            )
+        else:
+            reasons.append("gradient_checkpointing=off: memory suffices (recompute costs ~30% speed)")
+    else:
+        gc = bool(gradient_checkpointing)
+        reasons.append(f"gradient_checkpointing={'on' if gc else 'off'}: requested")
+
+    if attn_implementation == "auto":
+        attn = "flash_attention_2" if (on_gpu and caps.flash_attn_installed) else "sdpa"
+        reasons.append(f"attn_implementation={attn}: auto")
+    else:
+        attn = attn_implementation
+        if attn == "flash_attention_2" and not (on_gpu and caps.flash_attn_installed):
+            from tasks.errors import UserError
+
+            raise UserError(
+                "train.attn_implementation: flash_attention_2 needs a GPU and the flash-attn package; "
+                "use sdpa or auto"
+            )
+        reasons.append(f"attn_implementation={attn}: requested")
+
+    env: dict[str, str] = {}
+    if caps.backend == "rocm":
+        env = {k: v for k, v in ROCM_ENV.items() if k not in os.environ}
+        if env:
+            reasons.append("ROCm env: " + ", ".join(f"{k}={v}" for k, v in env.items()))
+
+    return DevicePlan(
+        device="cuda" if on_gpu else "cpu",
+        backend=caps.backend,
+        precision=chosen,  # type: ignore[arg-type]
+        gradient_checkpointing=gc,
+        attn_implementation=attn,
+        env=env,
+        reasons=tuple(reasons),
+    )
+
+
+def describe_device(requested: Literal["auto", "cpu", "cuda"] = "auto") -> dict[str, object]:
+    """The `qa-lora info` report: torch build, backend, GPUs, bf16 support, chosen plan."""
+    caps = detect_capabilities(requested)
+    plan = plan_device(caps)
+    return {
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "capabilities": dataclasses.asdict(caps),
+        "plan": plan.to_dict(),
+    }
