@@ -122,6 +122,10 @@ class TrainConfig(_Section):
     attn_implementation: Literal["auto", "eager", "sdpa", "flash_attention_2"] = "auto"
 
 
+# Per-row answer metrics that can be primary (higher is better); see tasks/metrics.py.
+RowMetric = Literal["exact_match", "token_f1", "rouge_l"]
+
+
 class EvalConfig(_Section):
     max_rows: int = Field(200, ge=1)
     max_new_tokens: int = Field(64, ge=1)
@@ -129,13 +133,17 @@ class EvalConfig(_Section):
     bootstrap_samples: int = Field(1000, ge=100)
     confidence: float = Field(0.95, gt=0.5, lt=1.0)
     seed: int = 0
-    primary_metrics: tuple[str, ...] = ("token_f1", "rouge_l")
+    primary_metrics: tuple[RowMetric, ...] = Field(("token_f1", "rouge_l"), min_length=1)
+    # per-model results (base, champion, candidate) are cached here, keyed by model, data and settings
+    cache_dir: str | None = ".cache/qa-lora/eval"
 
 
 class GateConfig(_Section):
-    primary_metric: str = "token_f1"
+    primary_metric: RowMetric = "token_f1"
     min_improvement: float = 0.0  # the CI's lower bound on candidate-minus-base must exceed this
     max_regression: float = Field(0.02, ge=0.0)  # allowed drop vs the champion, per metric and slice
+    # mean: the observed drop decides; noninferiority: the CI's lower bound must stay above -max_regression
+    regression_test: Literal["mean", "noninferiority"] = "mean"
     min_slice_size: int = Field(20, ge=1)
     min_eos_rate: float = Field(0.5, ge=0.0, le=1.0)
     max_empty_rate: float = Field(0.1, ge=0.0, le=1.0)
@@ -166,6 +174,34 @@ class RuntimeConfig(_Section):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
 
+class KubernetesConfig(_Section):
+    """Pod for the train task under the KubernetesExecutor (needs the [kubernetes] extra)."""
+
+    namespace: str = "ml"
+    image: str = "rocm/pytorch:latest"
+    gpu_resource: str = "amd.com/gpu"  # the AMD device plugin's resource name
+    gpus: int = Field(1, ge=1, le=16)
+    node_selector: dict[str, str] = {"amd.com/gpu.product-name": "AMD_Instinct_MI300X_OAM"}
+    tolerations: tuple[dict[str, str], ...] = (
+        {"key": "amd.com/gpu", "operator": "Exists", "effect": "NoSchedule"},
+    )
+
+
+class OrchestrateConfig(_Section):
+    """How Airflow runs the pipeline: schedule, where the train task goes, retries, timeouts."""
+
+    schedule: str | None = "0 3 * * 1"  # cron; null: only manual and data-triggered runs
+    trigger_on_dataset: bool = True  # also run when a producer updates the Q&A dataset Asset
+    train_target: Literal["local", "celery", "kubernetes"] = "local"
+    train_queue: str = "mi300x"  # Celery queue served by `airflow celery worker -q mi300x` on the GPU node
+    train_pool: str | None = None  # e.g. "mi300x" with one slot per GPU node; must exist (airflow pools set)
+    train_retries: int = Field(2, ge=0, le=10)
+    retry_delay_minutes: float = Field(1.0, gt=0.0)
+    train_timeout_minutes: float = Field(360.0, gt=0.0)
+    stage_timeout_minutes: float = Field(60.0, gt=0.0)
+    kubernetes: KubernetesConfig = KubernetesConfig()
+
+
 # `register` is a stage name; pydantic warns that it shadows ABCMeta.register, which nobody calls here.
 warnings.filterwarnings("ignore", message='Field name "register"', category=UserWarning)
 
@@ -180,6 +216,7 @@ class Config(_Section):
     export: ExportConfig = ExportConfig()
     register: RegisterConfig = RegisterConfig()
     runtime: RuntimeConfig = RuntimeConfig()
+    orchestrate: OrchestrateConfig = OrchestrateConfig()
 
     def to_dict(self) -> dict[str, Any]:
         """Plain, JSON/YAML-safe dict (tuples become lists)."""
