@@ -77,16 +77,16 @@ def test_scheduled_and_data_aware(dagbag) -> None:
     assert "qa_lora_dataset" in text and "0 3 * * 1" in text
 
 
-def test_parse_imports_nothing_heavy_and_is_fast(repo_root: Path) -> None:
+def test_parse_imports_nothing_heavy(repo_root: Path) -> None:
     code = (
-        "import sys, time; t=time.perf_counter();"
+        "import sys;"
         "import importlib.util as u;"
         f"s=u.spec_from_file_location('d', {str(repo_root / 'dags' / 'qa_lora_finetune.py')!r});"
         "m=u.module_from_spec(s); s.loader.exec_module(m);"
-        "print(time.perf_counter()-t); print(','.join(sorted(k for k in sys.modules)))"
+        "print(','.join(sorted(k for k in sys.modules)))"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    seconds, modules = proc.stdout.strip().splitlines()[-2:]
+    modules = proc.stdout.strip().splitlines()[-1]
     loaded = set(modules.split(","))
     assert not [m for m in HEAVY if m in loaded]
