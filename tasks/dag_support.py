@@ -8,6 +8,7 @@ imported inside functions, so the module is usable (and tested) as plain Python.
 from __future__ import annotations
 
 import logging
+import os
 import re
 from datetime import timedelta
 from pathlib import Path
@@ -19,7 +20,9 @@ from tasks.errors import UserError
 log = logging.getLogger("qa_lora.dag")
 
 DAG_ID = "qa_lora_finetune"
-RUNS_ROOT = REPO_ROOT / "runs"
+# A deployment (or a test) can point the DAG at another params file and runs root without editing it.
+PARAMS_FILE = os.environ.get("QA_LORA_PARAMS") or None
+RUNS_ROOT = Path(os.environ.get("QA_LORA_RUNS_ROOT") or REPO_ROOT / "runs")
 
 # Trigger-form field -> config key. The form's defaults come from params.yaml; values a user changes
 # become overrides for that run only, and the effective config is saved in the run directory.
@@ -166,11 +169,11 @@ def run_dir_for(run_id: str) -> Path:
     return RUNS_ROOT / re.sub(r"[^A-Za-z0-9_.-]+", "_", run_id).strip("._")
 
 
-def start_run(params: dict[str, Any], run_id: str, params_file: str | None = None) -> dict[str, Any]:
+def start_run(params: dict[str, Any], run_id: str) -> dict[str, Any]:
     """The DAG's first task: effective config (params.yaml + trigger form), run dir, base model."""
     from tasks.pipeline import prepare_run
 
-    cfg = load_config(params_file, overrides_from_params(params))
+    cfg = load_config(PARAMS_FILE, overrides_from_params(params))
     return prepare_run(cfg, run_dir_for(run_id))
 
 
@@ -333,5 +336,5 @@ def notify(context: dict[str, Any]) -> None:
 
 
 def default_config() -> Config:
-    """params.yaml as the DAG's defaults."""
-    return load_config()
+    """params.yaml (or $QA_LORA_PARAMS) as the DAG's defaults."""
+    return load_config(PARAMS_FILE)

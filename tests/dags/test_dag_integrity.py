@@ -57,7 +57,15 @@ def test_trigger_form_params(dagbag) -> None:
     assert params["lora_target_modules"] == list(cfg.lora.target_modules)
     schema = params.get_param("learning_rate").schema
     assert schema["exclusiveMinimum"] == 0 and schema["section"] == "Training" and schema["title"]
-    for name in ("base_model", "data_source", "lora_r", "max_steps", "num_processes", "promote", "require_approval"):
+    for name in (
+        "base_model",
+        "data_source",
+        "lora_r",
+        "max_steps",
+        "num_processes",
+        "promote",
+        "require_approval",
+    ):
         assert name in params
 
 
@@ -65,7 +73,12 @@ def test_trigger_form_refuses_bad_values(dagbag) -> None:
     from airflow.sdk.definitions.param import ParamValidationError
 
     params = dagbag.dags["qa_lora_finetune"].params
-    for name, bad in [("learning_rate", -1.0), ("lora_r", 0), ("gate_on_fail", "maybe"), ("num_processes", 0)]:
+    for name, bad in [
+        ("learning_rate", -1.0),
+        ("lora_r", 0),
+        ("gate_on_fail", "maybe"),
+        ("num_processes", 0),
+    ]:
         param = params.get_param(name)
         with pytest.raises(ParamValidationError):
             param.resolve(bad)
