@@ -105,4 +105,5 @@ def qa_lora_finetune() -> None:
     gate(run, evaluated) >> exported
     approval_required(run, register(run, exported)) >> approve >> promote(run)
 
+
 qa_lora_finetune()

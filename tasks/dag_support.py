@@ -92,9 +92,16 @@ def trigger_params(cfg: Config) -> dict[str, Any]:
         ),
         "lora_r": Param(d["lora_r"], type="integer", minimum=1, maximum=1024, title="Rank r", section=lora),
         "lora_alpha": Param(
-            d["lora_alpha"], type="integer", minimum=1, title="Alpha", description="scale = alpha / r", section=lora
+            d["lora_alpha"],
+            type="integer",
+            minimum=1,
+            title="Alpha",
+            description="scale = alpha / r",
+            section=lora,
         ),
-        "lora_dropout": Param(d["lora_dropout"], type="number", minimum=0, maximum=0.99, title="Dropout", section=lora),
+        "lora_dropout": Param(
+            d["lora_dropout"], type="number", minimum=0, maximum=0.99, title="Dropout", section=lora
+        ),
         "lora_target_modules": Param(
             d["lora_target_modules"],
             type="array",
@@ -105,7 +112,12 @@ def trigger_params(cfg: Config) -> dict[str, Any]:
             section=lora,
         ),
         "num_train_epochs": Param(
-            d["num_train_epochs"], type="number", exclusiveMinimum=0, maximum=100, title="Epochs", section=train
+            d["num_train_epochs"],
+            type="number",
+            exclusiveMinimum=0,
+            maximum=100,
+            title="Epochs",
+            section=train,
         ),
         "max_steps": Param(
             d["max_steps"],
@@ -116,7 +128,12 @@ def trigger_params(cfg: Config) -> dict[str, Any]:
             section=train,
         ),
         "learning_rate": Param(
-            d["learning_rate"], type="number", exclusiveMinimum=0, maximum=1, title="Learning rate", section=train
+            d["learning_rate"],
+            type="number",
+            exclusiveMinimum=0,
+            maximum=1,
+            title="Learning rate",
+            section=train,
         ),
         "num_processes": Param(
             d["num_processes"],
@@ -149,7 +166,9 @@ def trigger_params(cfg: Config) -> dict[str, Any]:
             description="skip: export/register are skipped with the reason logged; fail: the run fails.",
             section=gate,
         ),
-        "promote": Param(d["promote"], type="boolean", title="Promote to champion if the gate passes", section=reg),
+        "promote": Param(
+            d["promote"], type="boolean", title="Promote to champion if the gate passes", section=reg
+        ),
         "require_approval": Param(
             d["require_approval"],
             type="boolean",
@@ -213,7 +232,9 @@ def check_gate(run: dict[str, Any]) -> bool:
     reasons = "; ".join(gate.get("reasons", [])) or f"see {run_dir / 'eval' / 'gate.json'}"
     if load_run_config(run_dir).gate.on_fail == "fail":
         raise AirflowFailException(f"gate FAILED: {reasons}")
-    log.warning("gate FAILED: %s. Merge, export and register are skipped; the champion is unchanged.", reasons)
+    log.warning(
+        "gate FAILED: %s. Merge, export and register are skipped; the champion is unchanged.", reasons
+    )
     return False
 
 
@@ -306,6 +327,19 @@ def dataset_asset(cfg: Config) -> Any:
     from airflow.sdk import Asset
 
     return Asset(name="qa_lora_dataset", uri=cfg.resolve(cfg.data.source).as_uri())
+
+
+def refresh_dataset(cfg: Config) -> dict[str, Any]:
+    """The example producer: rebuild data.source from the bundled builder; report rows and hash."""
+    import hashlib
+    import subprocess
+    import sys
+
+    target = cfg.resolve(cfg.data.source)
+    builder = REPO_ROOT / "data" / "build_qa_dataset.py"
+    subprocess.run([sys.executable, str(builder), "--out", str(target)], check=True)
+    data = target.read_bytes()
+    return {"path": str(target), "rows": data.count(b"\n"), "sha256": hashlib.sha256(data).hexdigest()}
 
 
 def notify(context: dict[str, Any]) -> None:

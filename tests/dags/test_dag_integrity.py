@@ -103,3 +103,10 @@ def test_parse_imports_nothing_heavy(repo_root: Path) -> None:
     modules = proc.stdout.strip().splitlines()[-1]
     loaded = set(modules.split(","))
     assert not [m for m in HEAVY if m in loaded]
+
+
+def test_producer_updates_the_asset_the_pipeline_watches(dagbag) -> None:
+    producer = dagbag.dags["qa_dataset_refresh"]
+    outlets = producer.get_task("refresh_dataset").outlets
+    assert [a.name for a in outlets] == ["qa_lora_dataset"]
+    assert "qa_lora_dataset" in repr(dagbag.dags["qa_lora_finetune"].timetable)
