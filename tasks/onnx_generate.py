@@ -1,0 +1,309 @@
+"""Greedy generation on ONNX Runtime over the exported decoder (one graph with a KV cache).
+
+The export stage (tasks/export.py) writes `model.onnx` (+ `model.onnx.data`), the tokenizer and
+`onnx_layout.json`, which names the graph's inputs, outputs and cache tensors. One graph serves both
+phases: the prompt runs with an empty (length-0) cache (prefill), then one token per step runs with the
+cache the previous step returned (decode). Prompts are left-padded; position ids are
+`cumsum(attention_mask) - 1` (0 at padding), exactly as `transformers` `generate()` computes them, so
+greedy tokens match PyTorch's.
+
+Needs only numpy, onnxruntime and a tokenizer (no torch), so a registry consumer can run it:
+
+    from tasks.onnx_generate import load_onnx_generator
+    from tasks.prompting import format_prompt
+
+    gen = load_onnx_generator("runs/local/export/onnx")
+    out = gen.generate([format_prompt("What does zip() return?")], max_new_tokens=64)
+    print(out.texts[0], gen.provider)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tasks.errors import UserError
+
+log = logging.getLogger("qa_lora.onnx_generate")
+
+LAYOUT_FILE = "onnx_layout.json"
+LAYOUT_FORMAT = "qa-lora-onnx-kv/1"
+
+# Preference order when `export.provider` is auto: AMD first (the production GPU), then NVIDIA, then CPU.
+# ROCMExecutionProvider only exists in onnxruntime-rocm <= 1.22; MIGraphX is AMD's maintained path.
+PROVIDER_PRIORITY: tuple[str, ...] = (
+    "MIGraphXExecutionProvider",
+    "ROCMExecutionProvider",
+    "CUDAExecutionProvider",
+    "CPUExecutionProvider",
+)
+PROVIDER_NAMES: dict[str, str] = {
+    "MIGraphX": "MIGraphXExecutionProvider",
+    "ROCM": "ROCMExecutionProvider",
+    "CUDA": "CUDAExecutionProvider",
+    "CPU": "CPUExecutionProvider",
+}
+_ORT_TO_NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
+
+
+@dataclass(frozen=True)
+class ProviderChoice:
+    """The execution provider picked for ONNX Runtime, with the fallback list a session is given."""
+
+    name: str
+    providers: tuple[str, ...]
+    available: tuple[str, ...]
+    reason: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "providers": list(self.providers),
+            "available": list(self.available),
+            "reason": self.reason,
+        }
+
+
+def choose_provider(available: Sequence[str], requested: str = "auto") -> ProviderChoice:
+    """Pick the ONNX Runtime execution provider (pure: the installed list is an argument).
+
+    Args:
+        available: what `onnxruntime.get_available_providers()` reports (faked in tests).
+        requested: `export.provider`: "auto", or one of MIGraphX, ROCM, CUDA, CPU (short or full name).
+
+    Returns:
+        The choice; `providers` puts it first and CPU last, as ONNX Runtime falls back per node.
+
+    Raises:
+        UserError: a requested provider that this onnxruntime build does not have.
+    """
+    avail = tuple(available)
+    if requested == "auto":
+        for name in PROVIDER_PRIORITY:
+            if name in avail:
+                skipped = [p for p in PROVIDER_PRIORITY[: PROVIDER_PRIORITY.index(name)]]
+                why = f"auto: first of {', '.join(p.removesuffix('ExecutionProvider') for p in PROVIDER_PRIORITY)}"
+                why += f" installed (not installed: {', '.join(skipped)})" if skipped else " installed"
+                return ProviderChoice(name, _with_cpu(name), avail, why)
+        # Every onnxruntime build has the CPU provider; a list without it is a broken install.
+        raise UserError(f"onnxruntime reports no usable execution provider (available: {list(avail)})")
+    name = PROVIDER_NAMES.get(requested, requested)
+    if name not in avail:
+        hint = {
+            "ROCMExecutionProvider": "install onnxruntime-rocm (<= 1.22) in place of onnxruntime",
+            "MIGraphXExecutionProvider": "install onnxruntime-migraphx in place of onnxruntime",
+            "CUDAExecutionProvider": "install onnxruntime-gpu in place of onnxruntime",
+        }.get(name, "use auto")
+        raise UserError(
+            f"export.provider: {requested!r} is not available in this onnxruntime "
+            f"(available: {', '.join(avail) or 'none'}); {hint}"
+        )
+    return ProviderChoice(name, _with_cpu(name), avail, "requested by export.provider")
+
+
+def _with_cpu(name: str) -> tuple[str, ...]:
+    return (name,) if name == "CPUExecutionProvider" else (name, "CPUExecutionProvider")
+
+
+@dataclass
+class GenerationResult:
+    """Greedy generation output. `token_ids` are the new tokens per prompt, up to and including EOS."""
+
+    texts: list[str]
+    token_ids: list[list[int]]
+    finished: list[bool]
+    # (batch, prompt_len, vocab) logits of the prompt, and per step (steps, batch, vocab), when asked.
+    prefill_logits: np.ndarray | None = None
+    step_logits: np.ndarray | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+class OnnxGenerator:
+    """A tokenizer and one ONNX Runtime session over the exported decoder, with a greedy loop."""
+
+    def __init__(
+        self,
+        onnx_dir: str | Path,
+        provider: str = "auto",
+        graph: str | None = None,
+        session_options: Any = None,
+        tokenizer: Any = None,
+    ) -> None:
+        import onnxruntime as ort
+
+        self.onnx_dir = Path(onnx_dir)
+        layout_path = self.onnx_dir / LAYOUT_FILE
+        if not layout_path.is_file():
+            raise UserError(f"{layout_path}: missing; expected an ONNX export written by `qa-lora export`")
+        self.layout: dict[str, Any] = json.loads(layout_path.read_text(encoding="utf-8"))
+        if self.layout.get("format") != LAYOUT_FORMAT:
+            raise UserError(
+                f"{layout_path}: format {self.layout.get('format')!r}, expected {LAYOUT_FORMAT!r}"
+            )
+        graph_path = self.onnx_dir / (graph or self.layout["graph"])
+        if not graph_path.is_file():
+            raise UserError(f"{graph_path}: ONNX graph not found")
+        self.choice = choose_provider(ort.get_available_providers(), provider)
+        if session_options is None:
+            session_options = ort.SessionOptions()
+            # The cache grows by one every step: shapes change each call, so arena growth is wasted memory.
+            session_options.enable_mem_pattern = False
+        self.session = ort.InferenceSession(
+            str(graph_path), sess_options=session_options, providers=list(self.choice.providers)
+        )
+        self.provider = self.session.get_providers()[0]
+        self.tokenizer = tokenizer if tokenizer is not None else _load_tokenizer(self.onnx_dir)
+        self.eos_token_id: int = int(self.layout["eos_token_id"])
+        self.pad_token_id: int = int(self.layout["pad_token_id"])
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        self._cache = self.layout["cache"]
+        self._cache_dtype = _ORT_TO_NUMPY.get(inputs[self._cache[0]["input"]].type, np.float32)
+        missing = [n for n in self._input_names() if n not in inputs]
+        if missing:
+            raise UserError(f"{graph_path}: graph lacks inputs {missing} named in {LAYOUT_FILE}")
+
+    def _input_names(self) -> list[str]:
+        names = list(self.layout["inputs"].values())
+        return names + [c["input"] for c in self._cache]
+
+    def encode(self, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Tokenize and left-pad prompts: (input_ids, attention_mask), int64, shape (batch, length)."""
+        self.tokenizer.padding_side = "left"
+        enc = self.tokenizer(list(prompts), padding=True, return_tensors="np")
+        return enc["input_ids"].astype(np.int64), enc["attention_mask"].astype(np.int64)
+
+    def empty_cache(self, batch: int) -> list[np.ndarray]:
+        """Length-0 cache tensors: what the first (prefill) call takes."""
+        shape = (batch, int(self.layout["num_key_value_heads"]), 0, int(self.layout["head_dim"]))
+        return [np.zeros(shape, dtype=self._cache_dtype) for _ in self._cache]
+
+    def forward(
+        self,
+        input_ids: np.ndarray,
+        attention_mask: np.ndarray,
+        position_ids: np.ndarray,
+        cache: list[np.ndarray],
+    ) -> tuple[np.ndarray, list[np.ndarray]]:
+        """One call of the graph: logits (batch, new_len, vocab) and the grown cache.
+
+        `attention_mask` covers the cache plus the new tokens (batch, past_len + new_len).
+        """
+        names = self.layout["inputs"]
+        feed = {
+            names["input_ids"]: input_ids,
+            names["attention_mask"]: attention_mask,
+            names["position_ids"]: position_ids,
+        }
+        feed.update({c["input"]: t for c, t in zip(self._cache, cache, strict=True)})
+        outputs = [self.layout["logits"]] + [c["output"] for c in self._cache]
+        result = self.session.run(outputs, feed)
+        return result[0], list(result[1:])
+
+    def generate_ids(
+        self,
+        input_ids: np.ndarray,
+        attention_mask: np.ndarray,
+        max_new_tokens: int,
+        return_logits: bool = False,
+    ) -> GenerationResult:
+        """Greedy decoding from left-padded token ids (no text decoding).
+
+        Rows that emitted EOS are fed the pad token (attention 1) until every row is done, the way
+        `transformers` `generate()` does, so step logits stay comparable with PyTorch's.
+        """
+        input_ids = np.asarray(input_ids, dtype=np.int64)
+        mask = np.asarray(attention_mask, dtype=np.int64)
+        batch = input_ids.shape[0]
+        position_ids = np.cumsum(mask, axis=-1) - 1
+        position_ids[mask == 0] = 0
+        logits, cache = self.forward(input_ids, mask, position_ids, self.empty_cache(batch))
+        prefill = logits if return_logits else None
+        last = logits[:, -1, :]
+        next_pos = position_ids[:, -1:] + 1
+        done = np.zeros(batch, dtype=bool)
+        new_tokens: list[np.ndarray] = []
+        steps: list[np.ndarray] = []
+        for step in range(max_new_tokens):
+            if return_logits:
+                steps.append(last.astype(np.float32))
+            token = last.argmax(axis=-1).astype(np.int64)
+            token = np.where(done, self.pad_token_id, token)
+            new_tokens.append(token)
+            done |= token == self.eos_token_id
+            if done.all() or step == max_new_tokens - 1:
+                break
+            mask = np.concatenate([mask, np.ones((batch, 1), dtype=np.int64)], axis=1)
+            logits, cache = self.forward(token[:, None], mask, next_pos, cache)
+            last = logits[:, -1, :]
+            next_pos = next_pos + 1
+        token_ids = _trim(
+            np.stack(new_tokens, axis=1) if new_tokens else np.zeros((batch, 0), np.int64), self.eos_token_id
+        )
+        return GenerationResult(
+            texts=[],
+            token_ids=token_ids,
+            finished=[bool(d) for d in done],
+            prefill_logits=prefill,
+            step_logits=np.stack(steps) if steps else None,
+            meta={"provider": self.provider},
+        )
+
+    def generate(
+        self, prompts: Sequence[str], max_new_tokens: int = 64, return_logits: bool = False
+    ) -> GenerationResult:
+        """Greedy-generate answers for already templated prompts (see `tasks.prompting.format_prompt`).
+
+        Args:
+            prompts: prompt strings; the tokenizer adds BOS.
+            max_new_tokens: upper bound on generated tokens per prompt (EOS stops a prompt earlier).
+            return_logits: also return prompt and per-step logits (parity checks).
+
+        Returns:
+            Texts (special tokens removed), new token ids (up to and including EOS), finished flags.
+        """
+        if not prompts:
+            return GenerationResult(texts=[], token_ids=[], finished=[])
+        input_ids, mask = self.encode(prompts)
+        result = self.generate_ids(input_ids, mask, max_new_tokens, return_logits=return_logits)
+        result.texts = [
+            self.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in result.token_ids
+        ]
+        return result
+
+
+def _trim(tokens: np.ndarray, eos: int) -> list[list[int]]:
+    """Per row: the tokens up to and including the first EOS."""
+    out: list[list[int]] = []
+    for row in tokens.tolist():
+        out.append(row[: row.index(eos) + 1] if eos in row else row)
+    return out
+
+
+def _load_tokenizer(directory: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(directory))
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def load_onnx_generator(
+    onnx_dir: str | Path, provider: str = "auto", graph: str | None = None
+) -> OnnxGenerator:
+    """Load an ONNX export (written by `qa-lora export`) for greedy generation.
+
+    Args:
+        onnx_dir: the export's `onnx/` directory (graph, tokenizer, `onnx_layout.json`).
+        provider: "auto" (MIGraphX, ROCM, CUDA, CPU: the first installed) or one of those names.
+        graph: another graph file in the same layout (e.g. "fp16/model.onnx"); default the fp32 one.
+
+    Returns:
+        The generator; `.generate(prompts, max_new_tokens)` returns texts and token ids.
+    """
+    return OnnxGenerator(onnx_dir, provider=provider, graph=graph)

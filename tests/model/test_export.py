@@ -1,0 +1,379 @@
+"""Export stage: merge parity, ONNX (KV cache) parity, provider choice, model card, atomicity.
+
+The slow tests share one export of the tiny base + a LoRA adapter trained for a few steps here (so
+lora_B is non-zero and the merge changes weights); parity failure runs a second export whose graph is
+corrupted on disk between writing and checking.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tasks.config import Config, load_config
+from tasks.errors import UserError
+from tasks.onnx_generate import choose_provider
+from tasks.prompting import format_completion, format_prompt
+
+QUESTIONS = [
+    ("What does len() return?", "The number of items."),
+    (
+        "Which keyword defines a function in Python, and what follows it on the same line?",
+        "def, then the name.",
+    ),
+    ("What is a tuple?", "An immutable sequence."),
+    ("How do you open a file for reading and make sure it is closed afterwards?", "Use a with statement."),
+    ("What is None?", "The null object."),
+]
+
+
+# ------------------------------------------------------------------------------------- fast unit tests
+
+
+def test_provider_auto_prefers_amd_then_cuda_then_cpu() -> None:
+    cpu = ["CPUExecutionProvider"]
+    assert choose_provider(cpu).name == "CPUExecutionProvider"
+    assert choose_provider(["AzureExecutionProvider", *cpu]).providers == ("CPUExecutionProvider",)
+    cuda = choose_provider(["CUDAExecutionProvider", *cpu])
+    assert cuda.name == "CUDAExecutionProvider" and cuda.providers[-1] == "CPUExecutionProvider"
+    assert (
+        choose_provider(["CUDAExecutionProvider", "ROCMExecutionProvider", *cpu]).name
+        == "ROCMExecutionProvider"
+    )
+    every = [
+        "CPUExecutionProvider",
+        "CUDAExecutionProvider",
+        "ROCMExecutionProvider",
+        "MIGraphXExecutionProvider",
+    ]
+    chosen = choose_provider(every)
+    assert chosen.name == "MIGraphXExecutionProvider"
+    assert "auto" in chosen.reason and chosen.to_dict()["available"] == every
+
+
+def test_provider_override_and_unavailable() -> None:
+    available = ["ROCMExecutionProvider", "CPUExecutionProvider"]
+    assert choose_provider(available, "CPU").name == "CPUExecutionProvider"
+    assert choose_provider(available, "ROCM").reason == "requested by export.provider"
+    with pytest.raises(UserError, match=r"export\.provider: 'CUDA'.*onnxruntime-gpu"):
+        choose_provider(available, "CUDA")
+    with pytest.raises(UserError, match="MIGraphX"):
+        choose_provider(["CPUExecutionProvider"], "MIGraphX")
+
+
+def test_memory_plan_refuses_and_places_merge() -> None:
+    from tasks.export import _plan_memory
+
+    gib = 2**30
+    n = 7_000_000_000  # 26 GiB of fp32 weights
+    with pytest.raises(UserError, match=r"needs about \d+\.\d GiB of free RAM.*only 24\.0 GiB"):
+        _plan_memory(n, "auto", cpu_available=24 * gib, gpu_available=None)
+    big_ram = 200 * gib
+    on_gpu = _plan_memory(n, "auto", cpu_available=big_ram, gpu_available=190 * gib)
+    assert on_gpu["merge_device"] == "cuda" and on_gpu["weights_bytes"] == n * 4
+    small_gpu = _plan_memory(n, "auto", cpu_available=big_ram, gpu_available=16 * gib)
+    assert small_gpu["merge_device"] == "cpu" and "GPU has 16.00 GiB free" in small_gpu["reason"]
+    assert _plan_memory(n, "cpu", cpu_available=big_ram, gpu_available=None)["merge_device"] == "cpu"
+
+
+def test_quantized_base_is_refused(tmp_path: Path) -> None:
+    from transformers import LlamaConfig
+
+    from tasks.export import _load_base_config
+
+    base = tmp_path / "gptq-base"
+    LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2
+    ).save_pretrained(base)
+    raw = json.loads((base / "config.json").read_text())
+    raw["quantization_config"] = {"quant_method": "gptq", "bits": 4}
+    (base / "config.json").write_text(json.dumps(raw))
+    cfg = load_config(overrides=[f"base.name_or_path={base}", "base.kind=hub"])
+    with pytest.raises(UserError, match=r"quantized checkpoint \(gptq\).*full-precision"):
+        _load_base_config(cfg, str(base))
+
+
+def test_missing_inputs_are_user_errors(tmp_path: Path) -> None:
+    from tasks.export import export_model
+
+    with pytest.raises(UserError, match=r"adapter_config\.json: not found; run `qa-lora train`"):
+        export_model(load_config(), tmp_path)
+    (tmp_path / "train" / "adapter").mkdir(parents=True)
+    (tmp_path / "train" / "adapter" / "adapter_config.json").write_text("{}")
+    with pytest.raises(UserError, match=r"eval\.jsonl: not found"):
+        export_model(load_config(), tmp_path)
+    assert not (tmp_path / "export").exists()
+
+
+def _fake_summary() -> dict[str, Any]:
+    parity = {
+        "max_abs_diff": 2e-7,
+        "tokens_identical": True,
+        "atol": 1e-4,
+        "provider": "CPUExecutionProvider",
+    }
+    return {
+        "fingerprint": "f00dfeed",
+        "opset": 18,
+        "parity": {"prompts": 4, "new_tokens": 8, "onnx": parity, "merge": {**parity, "atol": 1e-3}},
+        "variants": {"int8": {"path": "onnx/int8/model.onnx", "top1_agreement": 0.97, "min_top1": 0.9}},
+    }
+
+
+def test_model_card_states_lineage_metrics_gate_and_loading(tmp_path: Path) -> None:
+    from tasks.export import _render_model_card
+
+    cfg = load_config()
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "version.json").write_text(json.dumps({"dataset_hash": "md5-abc123", "remote": "dvc-remote"}))
+    (tmp_path / "eval" / "metrics.json").write_text(
+        json.dumps({"base": {"token_f1": 0.21}, "candidate": {"token_f1": 0.4321}, "gate": {"passed": 1}})
+    )
+    gate = {
+        "passed": False,
+        "decision": "fail",
+        "primary_metric": "token_f1",
+        "reasons": ["token_f1 regressed by 0.05"],
+    }
+    (tmp_path / "eval" / "gate.json").write_text(json.dumps(gate))
+    card = _render_model_card(cfg, tmp_path, _fake_summary())
+    assert cfg.base.name_or_path in card
+    assert "md5-abc123" in card and "dvc-remote" in card
+    assert cfg.params_hash() in card
+    assert "candidate.token_f1 | 0.4321" in card
+    assert "**fail**" in card and "token_f1 regressed by 0.05" in card
+    assert "## Intended use and limits" in card
+    assert "AutoModelForCausalLM.from_pretrained" in card and "load_onnx_generator" in card
+    assert "top-1 agreement with fp32 0.9700" in card
+
+
+def test_model_card_states_missing_inputs(tmp_path: Path) -> None:
+    from tasks.export import _render_model_card
+
+    card = _render_model_card(load_config(), tmp_path, _fake_summary())
+    assert "Data version (DVC): not available" in card
+    assert "Metrics: not available" in card
+    assert "Regression gate: not available" in card
+
+
+# ------------------------------------------------------------------------------------ slow: one export
+
+
+def _make_run(run_dir: Path, base: Path) -> None:
+    """eval.jsonl + a LoRA adapter trained for a few steps (lora_B non-zero) on the tiny base."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    (run_dir / "data").mkdir(parents=True)
+    with (run_dir / "data" / "eval.jsonl").open("w", encoding="utf-8") as fh:
+        for i, (q, a) in enumerate(QUESTIONS):
+            fh.write(json.dumps({"id": f"q{i:02d}", "question": q, "answer": a, "category": "python"}) + "\n")
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
+        LoraConfig(
+            r=4, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"
+        ),
+    )
+    texts = [format_prompt(q) + format_completion(a) for q, a in QUESTIONS]
+    tokenizer.padding_side = "right"
+    batch = tokenizer(texts, padding=True, return_tensors="pt")
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-3)
+    for _ in range(4):
+        model(**batch, labels=labels).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    adapter = run_dir / "train" / "adapter"
+    model.save_pretrained(adapter)
+    tokenizer.save_pretrained(adapter)
+
+
+def _cfg(base: Path, *extra: str) -> Config:
+    return load_config(
+        overrides=[
+            f"base.name_or_path={base}",
+            "export.parity_prompts=4",
+            "export.parity_new_tokens=8",
+            *extra,
+        ]
+    )
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    from tasks.export import export_model
+
+    run_dir = tmp_path_factory.mktemp("export-run")
+    _make_run(run_dir, tiny_base)
+    cfg = _cfg(tiny_base, "export.variants=[int8]")
+    result = export_model(cfg, run_dir)
+    return {"run_dir": run_dir, "cfg": cfg, "result": result, "base": tiny_base}
+
+
+@pytest.mark.slow
+def test_merge_is_nontrivial_and_matches_adapter_on_base(exported: dict[str, Any]) -> None:
+    from safetensors.numpy import load_file
+
+    summary = json.loads(Path(exported["result"]["summary"]).read_text())
+    merge = summary["parity"]["merge"]
+    assert merge["max_abs_diff"] <= exported["cfg"].export.merge_atol
+    assert merge["tokens_identical"] and merge["generated_tokens"] > 0
+    merged = load_file(Path(exported["result"]["merged_dir"]) / "model.safetensors")
+    base = load_file(exported["base"] / "model.safetensors")
+    q = next(k for k in base if k.endswith("layers.0.self_attn.q_proj.weight"))
+    k = next(k for k in base if k.endswith("layers.0.self_attn.k_proj.weight"))
+    assert abs(merged[q] - base[q]).max() > 0, (
+        "the adapter changed nothing: the merge parity would be vacuous"
+    )
+    assert (merged[k] == base[k]).all(), "only the LoRA target modules change"
+    assert all(merged[name].dtype.name == "float32" for name in merged)
+    gen_cfg = json.loads((Path(exported["result"]["merged_dir"]) / "generation_config.json").read_text())
+    tok_cfg = json.loads((Path(exported["result"]["merged_dir"]) / "tokenizer_config.json").read_text())
+    assert gen_cfg["eos_token_id"] != gen_cfg["pad_token_id"]
+    assert tok_cfg["eos_token"] == "</s>" and tok_cfg["pad_token"] == "<pad>"
+
+
+@pytest.mark.slow
+def test_onnx_parity_with_kv_cache_on_a_padded_batch(exported: dict[str, Any]) -> None:
+    """The stage's own numbers, then an independent check: ORT greedy (prefill + 1-token cached steps) on
+    prompts of different lengths equals transformers generate(), and padding does not change an answer."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tasks.onnx_generate import load_onnx_generator
+
+    result = exported["result"]
+    summary = json.loads(Path(result["summary"]).read_text())
+    onnx_p = summary["parity"]["onnx"]
+    assert result["tokens_identical"] and onnx_p["tokens_identical"]
+    assert onnx_p["max_abs_diff"] <= exported["cfg"].export.logits_atol
+    assert len(set(summary["parity"]["prompt_lengths"])) > 1, "parity batch must mix prompt lengths"
+
+    gen = load_onnx_generator(result["onnx_dir"])
+    assert len(gen.layout["cache"]) == 2 * gen.layout["num_layers"]
+    prompts = [format_prompt(q) for q, _ in QUESTIONS[:3]]
+    ort_out = gen.generate(prompts, max_new_tokens=10)
+
+    tok = AutoTokenizer.from_pretrained(result["merged_dir"], padding_side="left")
+    model = AutoModelForCausalLM.from_pretrained(result["merged_dir"]).eval()
+    enc = tok(prompts, padding=True, return_tensors="pt")
+    assert (enc["attention_mask"] == 0).any(), "the batch must need padding"
+    with torch.inference_mode():
+        out = model.generate(**enc, max_new_tokens=10, do_sample=False)
+    for row, ids in zip(out[:, enc["input_ids"].shape[1] :].tolist(), ort_out.token_ids, strict=True):
+        expected = row[: row.index(tok.eos_token_id) + 1] if tok.eos_token_id in row else row
+        assert ids == expected
+    alone = gen.generate(prompts[1:2], max_new_tokens=10)
+    assert alone.token_ids[0] == ort_out.token_ids[1] and alone.texts[0] == ort_out.texts[1]
+
+
+@pytest.mark.slow
+def test_export_artifacts_summary_and_card(exported: dict[str, Any]) -> None:
+    run_dir, result = exported["run_dir"], exported["result"]
+    export_dir = Path(result["export_dir"])
+    onnx_dir = Path(result["onnx_dir"])
+    for f in (
+        "model.onnx",
+        "model.onnx.data",
+        "onnx_layout.json",
+        "tokenizer.json",
+        "README.md",
+        "int8/model.onnx",
+    ):
+        assert (onnx_dir / f).is_file(), f
+    assert (Path(result["merged_dir"]) / "README.md").read_text() == (export_dir / "README.md").read_text()
+    assert not [p.name for p in run_dir.iterdir() if p.name.startswith(".tmp-")]
+    summary = json.loads((export_dir / "export_summary.json").read_text())
+    assert summary["provider"]["name"] == result["provider"] == "CPUExecutionProvider"
+    assert summary["opset"] == 18 and summary["dtype"] == "float32"
+    assert {"merge_s", "export_onnx_s", "onnx_parity_s", "total_s"} <= set(summary["timings_s"])
+    assert summary["sizes_bytes"]["onnx_fp32"] > 0 and summary["sizes_bytes"]["merged"] > 0
+    int8 = summary["variants"]["int8"]
+    assert int8["passed"] and 0.9 <= int8["top1_agreement"] <= 1.0 and int8["size_bytes"] > 0
+    card = (export_dir / "README.md").read_text()
+    assert "r=4, alpha=16" in card  # from the adapter's own config, not params.yaml's r=8
+    assert "Data version (DVC): not available" in card
+
+
+@pytest.mark.slow
+def test_rerun_with_same_inputs_is_idempotent(exported: dict[str, Any]) -> None:
+    from tasks.export import export_model
+
+    before = {
+        p: p.stat().st_mtime_ns for p in Path(exported["result"]["export_dir"]).rglob("*") if p.is_file()
+    }
+    again = export_model(exported["cfg"], exported["run_dir"])
+    assert again["reused"] and again["fingerprint"] == exported["result"]["fingerprint"]
+    after = {
+        p: p.stat().st_mtime_ns for p in Path(exported["result"]["export_dir"]).rglob("*") if p.is_file()
+    }
+    assert before == after
+
+    # A gate result that appears later changes the model card: the export is redone, not reused.
+    gate = {"passed": True, "decision": "pass", "primary_metric": "token_f1", "reasons": []}
+    (exported["run_dir"] / "eval").mkdir(exist_ok=True)
+    (exported["run_dir"] / "eval" / "gate.json").write_text(json.dumps(gate))
+    redone = export_model(exported["cfg"], exported["run_dir"])
+    assert not redone["reused"] and redone["fingerprint"] != again["fingerprint"]
+    assert "Regression gate: **pass**" in Path(redone["model_card"]).read_text()
+
+
+@pytest.mark.slow
+def test_parity_failure_fails_the_stage_and_leaves_no_export(
+    exported: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A graph corrupted after it is written (one weight tensor overwritten) must be caught by parity."""
+    import numpy as np
+
+    import tasks.export as export_mod
+
+    run_dir = tmp_path / "run"
+    for part in ("data", "train"):
+        shutil.copytree(exported["run_dir"] / part, run_dir / part)
+    original = export_mod._export_onnx
+
+    def corrupting(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        layout = original(*args, **kwargs)
+        data = Path(args[3]) / "model.onnx.data"
+        raw = np.fromfile(data, dtype=np.float32)
+        raw[: len(raw) // 3] = np.random.default_rng(0).normal(0, 1, len(raw) // 3).astype(np.float32)
+        raw.tofile(data)
+        return layout
+
+    monkeypatch.setattr(export_mod, "_export_onnx", corrupting)
+    with pytest.raises(
+        export_mod.ExportParityError, match=r"ONNX .*parity failed: max \|logit diff\| [0-9.e+-]+ > atol"
+    ):
+        export_mod.export_model(exported["cfg"], run_dir)
+    assert sorted(p.name for p in run_dir.iterdir()) == ["data", "train"]
+
+
+def test_failed_gate_exports_nothing(tmp_path: Path) -> None:
+    """`qa-lora export` / `dvc repro` after a failed gate refuse, like the DAG's gate task."""
+    import json
+
+    from tasks.config import load_config
+    from tasks.errors import UserError
+    from tasks.export import export_model
+
+    (tmp_path / "train" / "adapter").mkdir(parents=True)
+    (tmp_path / "train" / "adapter" / "adapter_config.json").write_text("{}")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "eval.jsonl").write_text(
+        '{"id": "1", "question": "q", "answer": "a", "category": "c"}\n'
+    )
+    (tmp_path / "eval").mkdir()
+    gate = {"passed": False, "reasons": ["token_f1: CI lower bound -0.02 <= 0.0"]}
+    (tmp_path / "eval" / "gate.json").write_text(json.dumps(gate))
+    with pytest.raises(
+        UserError, match=r"the gate failed \(token_f1: CI lower bound -0\.02 <= 0\.0\); nothing exported"
+    ):
+        export_model(load_config(), tmp_path)
+    assert not (tmp_path / "export").exists()
