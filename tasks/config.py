@@ -157,6 +157,10 @@ class ExportConfig(_Section):
     parity_new_tokens: int = Field(16, ge=1)
     variants: tuple[Literal["fp16", "int8"], ...] = ()
     provider: Literal["auto", "MIGraphX", "ROCM", "CUDA", "CPU"] = "auto"
+    # adapter-on-base vs merged: (W+BA)x and Wx+B(Ax) round differently, so not 0
+    merge_atol: float = Field(1e-3, gt=0.0)
+    # fp16/int8 vs fp32: share of (teacher-forced) positions with the same argmax token
+    variant_min_top1: float = Field(0.9, ge=0.0, le=1.0)
 
 
 class RegisterConfig(_Section):
