@@ -60,16 +60,16 @@ class TinyBaseConfig(_Section):
     """Recipe for the embedded tiny Llama (built by `qa-lora base`)."""
 
     vocab_size: int = Field(4096, ge=256, le=65536)
-    hidden_size: int = Field(256, ge=16)
-    intermediate_size: int = Field(688, ge=16)
+    hidden_size: int = Field(192, ge=16)
+    intermediate_size: int = Field(512, ge=16)
     num_hidden_layers: int = Field(4, ge=1)
     num_attention_heads: int = Field(4, ge=1)
     num_key_value_heads: int = Field(4, ge=1)
     max_position_embeddings: int = Field(512, ge=64)
     pretrain_steps: int = Field(600, ge=0)
-    pretrain_batch_size: int = Field(16, ge=1)
+    pretrain_batch_size: int = Field(8, ge=1)
     pretrain_seq_len: int = Field(128, ge=16)
-    pretrain_learning_rate: float = Field(3e-3, gt=0.0)
+    pretrain_learning_rate: float = Field(2e-3, gt=0.0)
     seed: int = 1234
 
 
