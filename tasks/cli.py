@@ -100,6 +100,9 @@ def setup_logging(level: str = "INFO") -> None:
         stream=sys.stderr,
         force=True,
     )
+    # Libraries whose INFO lines drown the pipeline's own progress in task logs.
+    for noisy in ("great_expectations", "alembic", "httpx", "urllib3", "filelock", "mlflow", "dvc", "asyncio"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
 
 
 def resolve_stage(name: str) -> Callable[..., dict[str, Any]]:
