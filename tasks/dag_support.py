@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.config import REPO_ROOT, Config, load_config
-from tasks.errors import UserError
+from tasks.errors import StoreUnavailable, UserError
 
 log = logging.getLogger("qa_lora.dag")
 
@@ -205,6 +205,8 @@ def execute_stage(name: str, run: dict[str, Any]) -> dict[str, Any]:
     run_dir = Path(run["run_dir"])
     try:
         return run_stage(name, load_run_config(run_dir), run_dir)
+    except StoreUnavailable:  # a registry or remote that may come back: let Airflow retry the task
+        raise
     except UserError as exc:  # bad data or params: retrying cannot help
         raise AirflowFailException(f"{name}: {exc}") from None
 

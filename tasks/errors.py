@@ -7,3 +7,11 @@ class UserError(Exception):
 
 class NotBuiltYet(UserError):
     """A stage that a later issue builds; it says so instead of pretending."""
+
+
+class StoreUnavailable(UserError):
+    """A tracking store, model registry or data remote could not be reached or written; names the URI.
+
+    Often transient (a server restarting, a network blip): the CLI reports it like any user error (one
+    line, exit 2), while the DAG lets Airflow retry the task instead of failing it at once.
+    """

@@ -34,7 +34,19 @@ def prepare_run(cfg: Config, run_dir: Path) -> dict[str, Any]:
 
     Returns:
         {"run_dir", "params_hash", "base"}: small JSON for XCom.
+
+    Raises:
+        UserError: data.source outside the allowed roots (or missing), or an unsupported
+            register.tracking_uri scheme: refused here, before validation, versioning and training.
     """
+    # Cheap checks first: a bad dataset path or registry URI in a trigger form fails the first task in
+    # seconds instead of after validation, versioning and a trip to the GPU node.
+    from tasks.config import REPO_ROOT
+    from tasks.dataio import resolve_source
+    from tasks.tracking import resolve_tracking_uri
+
+    resolve_source(cfg.data.source, cfg.data.allowed_roots, REPO_ROOT)
+    resolve_tracking_uri(cfg.register.tracking_uri)
     run_dir = Path(run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / EFFECTIVE_PARAMS)

@@ -7,10 +7,12 @@ runs the stage (an Airflow worker, `dvc repro`, a test), splitting one registry 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from tasks.config import REPO_ROOT, Config
-from tasks.errors import UserError
+from tasks.errors import StoreUnavailable, UserError
 
 SUPPORTED_SCHEMES = ("sqlite", "http", "https", "databricks", "postgresql", "mysql", "file")
 
@@ -43,18 +45,43 @@ def setup_mlflow(cfg: Config) -> str:
     """
     os.environ.setdefault("MLFLOW_SKIP_PIP_REQUIREMENTS_CHECK", "true")
     import mlflow
+    from mlflow.exceptions import MlflowException
+    from sqlalchemy.exc import SQLAlchemyError
 
     uri = resolve_tracking_uri(cfg.register.tracking_uri)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
-    client = mlflow.MlflowClient()
-    exp = client.get_experiment_by_name(cfg.register.experiment)
-    if exp is None:
-        root = artifact_root(cfg)
-        exp_id = client.create_experiment(
-            cfg.register.experiment, artifact_location=Path(root).as_uri() if root else None
-        )
-    else:
-        exp_id = exp.experiment_id
+    try:
+        with _first_use_lock(uri):
+            client = mlflow.MlflowClient()
+            exp = client.get_experiment_by_name(cfg.register.experiment)
+            if exp is None:
+                root = artifact_root(cfg)
+                exp_id = client.create_experiment(
+                    cfg.register.experiment, artifact_location=Path(root).as_uri() if root else None
+                )
+            else:
+                exp_id = exp.experiment_id
+    except (MlflowException, SQLAlchemyError, OSError) as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise StoreUnavailable(
+            f"register.tracking_uri={cfg.register.tracking_uri!r}: the MLflow store {uri} is unavailable "
+            f"({type(exc).__name__}: {reason})"
+        ) from None
     mlflow.set_experiment(experiment_id=exp_id)
     return exp_id
+
+
+@contextmanager
+def _first_use_lock(uri: str) -> Iterator[None]:
+    """Serialise opening a SQLite store: MLflow creates/migrates its schema on first use, and two
+    processes doing that at once fail ("duplicate column name"); so would two creating the experiment."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    from filelock import FileLock
+
+    path = Path(uri[len("sqlite:///") :]).with_suffix(".setup.lock")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path), timeout=600):
+        yield

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tasks.artifacts import atomic_dir, read_json, write_json_atomic
+from tasks.artifacts import atomic_dir, read_json, write_json_atomic, write_text_atomic
 from tasks.config import Config
 from tasks.errors import UserError
 from tasks.prompting import format_completion, format_prompt
@@ -286,6 +286,11 @@ def _load_model_config(cfg: Config, base: _Base) -> Any:
         return AutoConfig.from_pretrained(base.ref, **_hub_kwargs(cfg))
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "trust_remote_code" in str(exc) and not cfg.base.trust_remote_code:
+            raise UserError(
+                f"base.name_or_path: {base.ref!r} needs its own model code to load; it is not run unless "
+                "you set base.trust_remote_code: true (review that code first)"
+            ) from None
         raise UserError(f"base.name_or_path: cannot load the config of {base.ref!r}: {first}") from None
 
 
@@ -927,6 +932,8 @@ def _train_process(
     # ---- train
     if plan.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    # Read before training: save_total_limit may rotate the resumed-from checkpoint away meanwhile.
+    tokens_at_resume = _tokens_at(resume)
     try:
         output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     except BaseException:
@@ -964,7 +971,7 @@ def _train_process(
     ]
     runtime = float(output.metrics.get("train_runtime", 0.0))  # includes the eval before training
     step_seconds = max(reporter.t1 - reporter.t0, 1e-9)  # the optimizer steps (and checkpoints) only
-    session_tokens = int(st.num_input_tokens_seen) - int(_tokens_at(resume))
+    session_tokens = int(st.num_input_tokens_seen) - tokens_at_resume
     peak, peak_kind = _peak_memory(plan)
     summary = {
         "fingerprint": fingerprint,
@@ -1033,6 +1040,9 @@ def _train_process(
         "library_versions": _versions(),
     }
     write_json_atomic(out / SUMMARY_FILE, summary)
+    # The loss curve as a table: `dvc plots show` draws it (train/loss.csv in dvc.yaml).
+    rows = [f"{h['step']},{h['loss']:.6f},{h.get('learning_rate', 0.0):.6g}" for h in history if "loss" in h]
+    write_text_atomic(out / "loss.csv", "\n".join(["step,loss,learning_rate", *rows]) + "\n")
     if run_id:
         _finish_mlflow_run(run_id, summary, out / SUMMARY_FILE)
     log.info(

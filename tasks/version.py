@@ -34,7 +34,7 @@ from typing import Any
 
 from tasks.artifacts import atomic_dir, write_json_atomic
 from tasks.config import REPO_ROOT, Config
-from tasks.errors import UserError
+from tasks.errors import StoreUnavailable, UserError
 
 log = logging.getLogger("qa_lora.version")
 
@@ -77,11 +77,11 @@ def version_dataset(cfg: Config, run_dir: Path) -> dict[str, Any]:
             odb = repo.cloud.get_remote_odb(_REMOTE, "push")
             result = transfer(cache, odb, {obj.hash_info}, shallow=False)
         except Exception as exc:  # DVC raises filesystem-specific errors (permissions, credentials)
-            raise UserError(
+            raise StoreUnavailable(
                 f"data.dvc_remote={cfg.data.dvc_remote!r}: push to {remote} failed ({exc})"
             ) from None
         if result.failed:
-            raise UserError(
+            raise StoreUnavailable(
                 f"data.dvc_remote={cfg.data.dvc_remote!r}: {len(result.failed)} object(s) failed to push to {remote}"
             )
         files = {"/".join(key): entry.value for key, _, entry in obj}
