@@ -1,0 +1,246 @@
+"""The evaluate stage on the tiny base: real adapters, real generation, the gate's decisions on disk."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tasks.config import Config, load_config
+from tasks.errors import UserError
+from tasks.evaluate import evaluate_candidate
+
+# Two categories whose answers follow a fixed pattern: a few dozen LoRA steps learn them, the
+# pretrained-only base cannot produce them.
+FUNCS = [
+    f"{verb}_{noun}"
+    for verb in ("get", "load", "parse", "make", "read", "find")
+    for noun in ("item", "path", "name", "value", "entry", "token", "field", "block")
+]
+ANSWERS = {
+    "returns": "A new list.",
+    "raises": "ValueError on bad input.",
+}
+QUESTIONS = {
+    "returns": ["What does {f}() return?", "What is the return value of {f}()?"],
+    "raises": ["When does {f}() raise an exception?", "Which error can {f}() raise?"],
+}
+
+
+def _dataset() -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+    rows = []
+    for cat, templates in QUESTIONS.items():
+        for f in FUNCS:
+            for t in templates:
+                q = t.format(f=f)
+                rows.append(
+                    {
+                        "id": hashlib.sha256(q.encode()).hexdigest()[:12],
+                        "question": q,
+                        "answer": ANSWERS[cat],
+                        "category": cat,
+                    }
+                )
+    random.Random(0).shuffle(rows)
+    eval_rows = [r for r in rows if int(r["id"], 16) % 4 == 0]
+    train_rows = [r for r in rows if int(r["id"], 16) % 4 != 0]
+    return train_rows, eval_rows
+
+
+def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+
+
+def _train(tmp: Path, base: Path, name: str, train_rows: list, eval_rows: list, **train: Any) -> Path:
+    """A LoRA adapter trained by the real train stage (TRL SFTTrainer) on a tiny budget."""
+    from tasks.train import train_adapter
+
+    run_dir = tmp / name
+    _write_jsonl(run_dir / "data" / "train.jsonl", train_rows)
+    _write_jsonl(run_dir / "data" / "eval.jsonl", eval_rows)
+    settings = {
+        "max_steps": 60,
+        "per_device_train_batch_size": 16,
+        "learning_rate": 5e-3,
+        "save_steps": 1000,
+        **train,
+    }
+    cfg = load_config(
+        overrides=[
+            ("base.name_or_path", str(base)),
+            ("register.tracking_uri", f"sqlite:///{tmp / 'mlflow.db'}"),
+            ("runtime.device", "cpu"),
+            *((f"train.{k}", v) for k, v in settings.items()),
+        ]
+    )
+    result = train_adapter(cfg, run_dir)
+    adapter = run_dir / "train" / "adapter"
+    assert (adapter / "adapter_config.json").is_file(), result
+    return adapter
+
+
+def _merge(base: Path, adapter: Path, out: Path) -> Path:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), adapter
+    )
+    model.merge_and_unload().save_pretrained(out)
+    AutoTokenizer.from_pretrained(adapter).save_pretrained(out)
+    return out
+
+
+def _cfg(tmp: Path, base: Path, **extra: Any) -> Config:
+    overrides = {
+        "base.name_or_path": str(base),
+        "eval.cache_dir": str(tmp / "cache"),
+        "eval.max_new_tokens": 20,
+        "eval.batch_size": 16,
+        "eval.bootstrap_samples": 300,
+        "register.tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}",
+        "runtime.device": "cpu",
+        **extra,
+    }
+    return load_config(overrides=list(overrides.items()))
+
+
+def _run_dir(tmp: Path, name: str, eval_rows: list[dict[str, str]], adapter: Path) -> Path:
+    run_dir = tmp / name
+    _write_jsonl(run_dir / "data" / "eval.jsonl", eval_rows)
+    (run_dir / "train").mkdir(parents=True)
+    (run_dir / "train" / "adapter").symlink_to(adapter, target_is_directory=True)
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    tmp = tmp_path_factory.mktemp("adapters")
+    train_rows, eval_rows = _dataset()
+    good = _train(tmp, tiny_base, "good", train_rows, eval_rows)
+    only_returns = [r for r in train_rows if r["category"] == "returns"]
+    one_slice = _train(tmp, tiny_base, "one_slice", only_returns, eval_rows)
+    # Sabotage: a learning rate of ~0 leaves the adapter's B matrices at their zero init.
+    untrained = _train(tmp, tiny_base, "untrained", train_rows, eval_rows, max_steps=2, learning_rate=1e-12)
+    return {
+        "base": tiny_base,
+        "eval_rows": eval_rows,
+        "good": good,
+        "one_slice": one_slice,
+        "untrained": untrained,
+        "champion_merged": _merge(tiny_base, good, tmp / "champion_merged"),
+    }
+
+
+@pytest.mark.slow
+def test_good_candidate_passes_and_writes_every_artifact(adapters: dict[str, Any], tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path, adapters["base"])
+    run_dir = _run_dir(tmp_path, "run", adapters["eval_rows"], adapters["good"])
+    result = evaluate_candidate(cfg, run_dir, _champion=None)
+
+    assert result["passed"] and result["decision"] == "pass", result["reasons"]
+    assert result["candidate"]["token_f1"] > result["base"]["token_f1"]
+    assert result["champion"] is None and result["champion_version"] is None
+    eval_dir = run_dir / "eval"
+    gate = json.loads((eval_dir / "gate.json").read_text())
+    assert set(gate) >= {
+        "passed",
+        "decision",
+        "primary_metric",
+        "rules",
+        "reasons",
+        "champion_version",
+        "metrics",
+    }
+    beats = next(r for r in gate["rules"] if r["name"] == "beats_base:token_f1")
+    assert beats["passed"] and beats["value"] > beats["threshold"]
+    assert gate["metrics"]["champion"] is None
+    metrics = json.loads((eval_dir / "metrics.json").read_text())
+    assert {"base", "candidate", "candidate_minus_base"} <= set(metrics)
+    assert metrics["candidate"]["loss"] < metrics["base"]["loss"]
+    assert metrics["candidate"]["eos_rate"] >= cfg.gate.min_eos_rate
+    assert (eval_dir / "comparison.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    report = (eval_dir / "eval_report.md").read_text()
+    for section in (
+        "Gate: PASSED",
+        "## Models",
+        "## Paired bootstrap",
+        "## Slices by category",
+        "## Sample generations",
+    ):
+        assert section in report
+    preds = [json.loads(line) for line in (eval_dir / "predictions.jsonl").read_text().splitlines()]
+    assert len(preds) == len(adapters["eval_rows"]) and {"base", "candidate"} <= set(preds[0])
+    assert (eval_dir / "plots" / "models.csv").read_text().startswith("model,")
+    assert not list(run_dir.glob("eval*/.tmp-*")) and not list(run_dir.glob(".tmp-*"))
+
+    # Second run: every model comes from the cache, and the decision and numbers are identical
+    # (the bootstrap is seeded).
+    again = evaluate_candidate(cfg, run_dir, _champion=None)
+    assert again["cache"] == {"base": "hit", "candidate": "hit"}
+    assert json.loads((eval_dir / "gate.json").read_text()) == gate
+
+
+@pytest.mark.slow
+def test_untrained_adapter_fails_naming_the_metric(adapters: dict[str, Any], tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path, adapters["base"])
+    run_dir = _run_dir(tmp_path, "run", adapters["eval_rows"], adapters["untrained"])
+    result = evaluate_candidate(cfg, run_dir, _champion=None)
+    assert not result["passed"] and result["decision"] == "fail"
+    assert any(r.startswith("beats_base:token_f1") for r in result["reasons"])
+    gate = json.loads((run_dir / "eval" / "gate.json").read_text())
+    assert gate["passed"] is False and gate["reasons"] == result["reasons"]
+    assert "Gate: FAILED" in (run_dir / "eval" / "eval_report.md").read_text()
+
+
+@pytest.mark.slow
+def test_candidate_worse_than_champion_on_one_slice_fails(adapters: dict[str, Any], tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path, adapters["base"], **{"gate.min_slice_size": 10})
+    run_dir = _run_dir(tmp_path, "run", adapters["eval_rows"], adapters["one_slice"])
+    champion = {
+        "version": "1",
+        "run_id": "r-champion",
+        "merged_path": str(adapters["champion_merged"]),
+        "dataset_hash": None,
+    }
+    result = evaluate_candidate(cfg, run_dir, _champion=champion)
+
+    assert not result["passed"] and result["champion_version"] == "1"
+    gate = json.loads((run_dir / "eval" / "gate.json").read_text())
+    failed = {r["name"] for r in gate["rules"] if not r["passed"]}
+    assert "no_regression:token_f1[raises]" in failed
+    assert "no_regression:token_f1[returns]" not in failed
+    # The candidate only learned "returns": whatever its average, losing "raises" alone fails it.
+    assert all("[raises]" in r for r in gate["reasons"])
+    report = (run_dir / "eval" / "eval_report.md").read_text()
+    assert "the champion answered right, the candidate now does not" in report
+    assert "| raises |" in report
+
+
+def test_missing_or_malformed_inputs_are_user_errors(tmp_path: Path) -> None:
+    cfg = load_config(overrides=[("eval.cache_dir", str(tmp_path / "cache"))])
+    with pytest.raises(UserError, match=r"eval\.jsonl: eval split not found"):
+        evaluate_candidate(cfg, tmp_path / "empty", _champion=None)
+    run_dir = tmp_path / "run"
+    (run_dir / "data").mkdir(parents=True)
+    (run_dir / "data" / "eval.jsonl").write_text(
+        '{"id": "a", "question": "q", "answer": "a", "category": "c"}\n{oops\n'
+    )
+    with pytest.raises(UserError, match=r"eval.jsonl:2: not valid JSON"):
+        evaluate_candidate(cfg, run_dir, _champion=None)
+    (run_dir / "data" / "eval.jsonl").write_text(
+        '{"id": "a", "question": "q", "answer": 3, "category": "c"}\n'
+    )
+    with pytest.raises(UserError, match=r"eval.jsonl:1: .*answer"):
+        evaluate_candidate(cfg, run_dir, _champion=None)
+    (run_dir / "data" / "eval.jsonl").write_text(
+        '{"id": "a", "question": "q", "answer": "a", "category": "c"}\n'
+    )
+    with pytest.raises(UserError, match=r"adapter_config\.json"):
+        evaluate_candidate(cfg, run_dir, _champion=None)
