@@ -1,0 +1,128 @@
+"""`airflow dags test qa_lora_finetune` end to end on the tiny model: artifacts, registry, a failing gate.
+
+The two runs share one registry: the first (good) run creates the champion; the second is sabotaged
+(a learning rate too small to learn anything) and must fail the gate, skip merge/export/register and
+leave the champion where it was.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+DAG_ID = "qa_lora_finetune"
+
+
+def _airflow(env: dict[str, str], *args: str, timeout: int = 1500) -> subprocess.CompletedProcess[str]:
+    airflow = str(Path(sys.executable).with_name("airflow"))
+    return subprocess.run([airflow, *args], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _trigger(env: dict[str, str], conf: dict | None = None) -> tuple[str, dict[str, str], Path]:
+    """Run the DAG once; return (run id, task states, run dir)."""
+    before = {r["run_id"] for r in _runs(env)}
+    args = ["dags", "test", DAG_ID] + (["-c", json.dumps(conf)] if conf else [])
+    proc = _airflow(env, *args)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    (new,) = [r for r in _runs(env) if r["run_id"] not in before]
+    states = _airflow(env, "tasks", "states-for-dag-run", DAG_ID, new["run_id"], "-o", "json")
+    task_states = {t["task_id"]: t["state"] for t in _json_list(states.stdout)}
+    from tasks.dag_support import run_dir_for
+
+    run_dir = Path(env["QA_LORA_RUNS_ROOT"]) / run_dir_for(new["run_id"]).name
+    return new["run_id"], task_states, run_dir
+
+
+def _runs(env: dict[str, str]) -> list[dict]:
+    proc = _airflow(env, "dags", "list-runs", DAG_ID, "-o", "json", timeout=120)
+    return _json_list(proc.stdout) if proc.returncode == 0 else []
+
+
+def _json_list(stdout: str) -> list[dict]:
+    """The JSON table an airflow CLI command printed (log lines may come before it)."""
+    lines = [line for line in stdout.splitlines() if line.startswith("[")]
+    return json.loads(lines[-1]) if lines else []
+
+
+def _champion(e2e_home: Path) -> tuple[str, dict[str, str]] | None:
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{e2e_home}/mlflow.db")
+    try:
+        mv = client.get_model_version_by_alias("qa-lora", "champion")
+    except mlflow.exceptions.MlflowException:
+        return None
+    return mv.version, mv.tags
+
+
+@pytest.fixture(scope="module")
+def good_run(airflow_env: dict[str, str]) -> tuple[str, dict[str, str], Path]:
+    return _trigger(airflow_env)
+
+
+def test_good_run_succeeds_every_task(good_run) -> None:
+    _, states, _ = good_run
+    for task in ("prepare", "validate", "version", "train", "evaluate", "gate", "export", "register"):
+        assert states[task] == "success", (task, states)
+    # no approval asked for: the approval branch is skipped, visibly
+    assert states["approval_required"] == "success"
+    assert states["approve_promotion"] == "skipped" and states["promote"] == "skipped"
+
+
+def test_good_run_artifacts(good_run) -> None:
+    _, _, run = good_run
+    for rel in (
+        "params.effective.yaml",
+        "data/train.jsonl",
+        "data/eval.jsonl",
+        "reports/data_quality.json",
+        "version.json",
+        "train/adapter/adapter_model.safetensors",
+        "train/adapter/adapter_config.json",
+        "train/train_summary.json",
+        "eval/metrics.json",
+        "eval/gate.json",
+        "eval/eval_report.md",
+        "eval/comparison.png",
+        "export/merged/config.json",
+        "export/export_summary.json",
+        "export/README.md",
+        "register/registration.json",
+    ):
+        assert (run / rel).is_file(), rel
+    assert list((run / "reports" / "data_docs").rglob("*.html")), "GX Data Docs"
+    assert list((run / "export" / "onnx").glob("*.onnx")), "ONNX graphs"
+    assert json.loads((run / "eval" / "gate.json").read_text())["passed"] is True
+    summary = json.loads((run / "train" / "train_summary.json").read_text())
+    assert summary["steps"] == 120
+    assert not list(run.rglob(".tmp-*")), "no temporary leftovers"
+
+
+def test_good_run_registry_state(good_run, e2e_home: Path) -> None:
+    run_id, _, run = good_run
+    champion = _champion(e2e_home)
+    assert champion is not None
+    version, tags = champion
+    registration = json.loads((run / "register" / "registration.json").read_text())
+    assert str(registration["version"]) == str(version)
+    dataset_hash = json.loads((run / "version.json").read_text())["dataset_hash"]
+    assert dataset_hash in tags.values()
+    assert any(run.name in v or run_id in v for v in tags.values())
+
+
+def test_sabotaged_run_fails_the_gate_and_changes_nothing(good_run, airflow_env, e2e_home: Path) -> None:
+    before = _champion(e2e_home)
+    _, states, run = _trigger(airflow_env, {"learning_rate": 1e-9, "max_steps": 5})
+    assert states["gate"] == "success"  # the short-circuit task ran and said no
+    for task in ("export", "register", "approval_required", "approve_promotion", "promote"):
+        assert states[task] == "skipped", (task, states)
+    gate = json.loads((run / "eval" / "gate.json").read_text())
+    assert gate["passed"] is False and gate["reasons"]
+    assert not (run / "export").exists() and not (run / "register").exists()
+    assert _champion(e2e_home) == before
