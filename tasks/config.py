@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -20,7 +21,27 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from tasks.errors import UserError
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+PACKAGE_ROOT = Path(__file__).resolve().parent.parent  # the checkout that holds this code
+
+
+def _project_root() -> Path:
+    """The project whose params.yaml, data/, models/ and registry a command works on.
+
+    $QA_LORA_ROOT if set; else the working directory when it is a qa-lora project (params.yaml and
+    dvc.yaml): `dvc repro` and `dvc exp run` run stages there, possibly in another clone or a temp
+    workspace than the one the package was installed from; else the checkout holding this code
+    (an Airflow worker's working directory is arbitrary).
+    """
+    env = os.environ.get("QA_LORA_ROOT")
+    if env:
+        return Path(env).resolve()
+    cwd = Path.cwd()
+    if (cwd / "params.yaml").is_file() and (cwd / "dvc.yaml").is_file():
+        return cwd.resolve()
+    return PACKAGE_ROOT
+
+
+REPO_ROOT = _project_root()
 DEFAULT_PARAMS = REPO_ROOT / "params.yaml"
 
 Policy = Literal["error", "drop"]

@@ -17,7 +17,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from tasks.config import REPO_ROOT, Config, save_config
+from tasks.config import PACKAGE_ROOT, REPO_ROOT, Config, save_config
 from tasks.errors import UserError
 
 log = logging.getLogger("qa_lora.train")
@@ -33,7 +33,8 @@ def launch_training(cfg: Config, run_dir: Path) -> None:
     n = cfg.train.num_processes
     params = save_config(cfg, run_dir / "train" / "checkpoints" / "launch_params.yaml")
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PACKAGE_ROOT), env.get("PYTHONPATH", "")) if p)
+    env["QA_LORA_ROOT"] = str(REPO_ROOT)  # the workers work on the same project as this process
     if cfg.runtime.device == "cpu" or not _has_gpu():
         # N processes share the cores: more threads than cores each would thrash.
         threads = cfg.runtime.num_threads or max(1, (os.cpu_count() or 1) // n)

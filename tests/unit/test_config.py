@@ -167,3 +167,31 @@ def test_save_and_reload_round_trip(tmp_path: Path) -> None:
     again = load_config(path)
     assert again == cfg and again.params_hash() == cfg.params_hash()
     assert load_config().params_hash() != cfg.params_hash()
+
+
+def test_project_root_follows_the_working_checkout(tmp_path: Path, repo_root: Path) -> None:
+    """`dvc repro` in another clone (or dvc exp's temp workspace) must use that clone's params and data."""
+    import os
+    import subprocess
+    import sys
+
+    code = "from tasks.config import REPO_ROOT, DEFAULT_PARAMS; print(REPO_ROOT); print(DEFAULT_PARAMS)"
+    env = {k: v for k, v in os.environ.items() if k != "QA_LORA_ROOT"}
+    env["PYTHONPATH"] = str(repo_root)
+
+    def root(cwd: Path, **extra: str) -> list[str]:
+        out = subprocess.run(
+            [sys.executable, "-c", code],
+            cwd=cwd,
+            env={**env, **extra},
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        return out.stdout.split()
+
+    assert root(tmp_path) == [str(repo_root), str(repo_root / "params.yaml")]  # not a project: the code's
+    (tmp_path / "params.yaml").write_text("{}\n")
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    assert root(tmp_path) == [str(tmp_path.resolve()), str(tmp_path.resolve() / "params.yaml")]
+    assert root(tmp_path, QA_LORA_ROOT=str(repo_root))[0] == str(repo_root)
