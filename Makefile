@@ -12,7 +12,7 @@ export GX_ANALYTICS_ENABLED := False
 export MLFLOW_SKIP_PIP_REQUIREMENTS_CHECK := true
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test test-fast lint format clean-runs
+.PHONY: setup demo test test-fast bench lint format clean-runs
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,9 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow and not e2e"
+
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks.run
 
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

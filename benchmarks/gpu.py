@@ -1,0 +1,151 @@
+"""Figure 7 (`--device cuda`, also ROCm): LoRA tokens/s per GPU and MFU on a >= 1B Llama in bf16.
+
+Unattended, a few minutes on one GPU (about 10 GB of GPU memory, 4 GB of disk):
+
+1. A Llama-architecture model (TinyLlama's shape: 22 layers, hidden 2048, GQA 32/4 heads, vocab
+   32000; 1.1B parameters) with random weights built from its config on the GPU, saved in bf16 with
+   the tiny base's tokenizer (its ids are a subset of the vocabulary). No download.
+2. A synthetic Q&A split with ~400-token answers (the shipped answers, concatenated) so that the GEMMs
+   are GPU-sized.
+3. The train stage unchanged (`runtime.device=cuda`; its device plan picks bf16, SDPA/flash attention
+   and no gradient checkpointing when memory allows), each step paired with a bare PyTorch + PEFT step
+   on the same batch; then the naive port on TRL defaults (bf16 + gradient checkpointing + padding).
+4. torch.matmul bf16 FLOP/s on 4096^2 and 8192^2 matrices, in the same run: MFU = useful training
+   FLOP/s (4*N_frozen + 6*N_lora + 12*L*d*T per token) / that.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import bench_config, gemm_flops, loadavg, ratio
+
+LLAMA_1B = {
+    "vocab_size": 32000,
+    "hidden_size": 2048,
+    "intermediate_size": 5632,
+    "num_hidden_layers": 22,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 4,
+    "max_position_embeddings": 2048,
+    "tie_word_embeddings": False,
+}
+
+
+class NotMeasured(RuntimeError):
+    """No GPU here: the figure is reported as not measured, never as a number."""
+
+
+def run(tmp: Path, quick: bool, device: str, shape: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Build the model and data, run the stage, the bare loop and TRL defaults, measure bf16 GEMMs."""
+    import torch
+
+    from benchmarks import training
+
+    if device != "cuda" or not torch.cuda.is_available():
+        raise NotMeasured("no GPU on this machine (run `python -m benchmarks.run --device cuda` on one)")
+    warmup, steps, blocks = (3, 12, 3) if quick else (5, 30, 3)
+    naive_steps = 6 if quick else 15
+    batch = 8
+    shape = shape or LLAMA_1B
+    t = time.perf_counter()
+    model_dir = _build_model(tmp / "llama-1b", shape)
+    build_s = time.perf_counter() - t
+    run_dir = tmp / "runs" / "gpu-bench"
+    _write_long_split(run_dir, rows=(warmup + steps) * batch * 2)
+    cfg = bench_config(
+        tmp,
+        [
+            ("base.name_or_path", str(model_dir)),
+            ("base.kind", "hub"),
+            ("runtime.device", "cuda"),
+            ("train.max_steps", warmup + steps),
+            ("train.per_device_train_batch_size", batch),
+            ("train.max_length", 512),
+            ("train.save_steps", 10_000),
+            ("train.logging_steps", 10),
+            ("train.learning_rate", 1e-4),
+            ("lora.r", 16),
+            ("lora.alpha", 32),
+        ],
+    )
+    gemm = gemm_flops("cuda", "bfloat16", [4096, 8192], seconds=2.0)
+    stage = training._measure_stage(cfg, run_dir, warmup, blocks, attn="sdpa")
+    batches = stage.pop("batches")
+    naive = training._measure_naive(cfg, run_dir, batch, batches, "sdpa", 2, naive_steps, blocks)
+    flops = training._flops_per_token(cfg, stage["trainer"]["mean_seq_len"])
+    best = max(g["flops"] for g in gemm.values())
+    s_rate, s_probe = stage["trainer"]["tokens_per_s"], stage["paired_bare"]["tokens_per_s"]
+    n_rate = naive["trainer"]["tokens_per_s"]
+    return {
+        "gpu": torch.cuda.get_device_name(0),
+        "hip": torch.version.hip,
+        "cuda": torch.version.cuda,
+        "model": {**shape, "params": flops["N_params"]},
+        "build_s": round(build_s, 1),
+        "gemm_bf16": gemm,
+        "flops_per_token": flops,
+        "stage_tokens_per_s": s_rate,
+        "bare_tokens_per_s": s_probe,
+        "naive_tokens_per_s": n_rate,
+        "stage_vs_bare": stage["relative_to_bare"]["median"],
+        "stage_vs_naive": ratio(stage["relative_to_bare"]["median"], naive["relative_to_bare"]["median"]),
+        "stage_vs_naive_raw": ratio(s_rate, n_rate),
+        "stage_mfu": ratio(s_rate * flops["lora"], best),
+        "stage_mfu_6n": ratio(s_rate * flops["six_n"], best),
+        "bare_mfu": ratio(s_probe * flops["lora"], best),
+        "naive_mfu": ratio(n_rate * flops["lora"], best),
+        "stage": stage,
+        "naive": naive,
+        "peak_gpu_memory_bytes": torch.cuda.max_memory_allocated(),
+        "load": loadavg(),
+    }
+
+
+def _build_model(out: Path, shape: dict[str, Any]) -> Path:
+    """Random weights from a config, saved in bf16 with the tiny base's tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from tasks.config import REPO_ROOT
+
+    tok = AutoTokenizer.from_pretrained(str(REPO_ROOT / "models" / "tiny-base"))
+    config = LlamaConfig(
+        **shape,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    torch.manual_seed(0)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    del model
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return out
+
+
+def _write_long_split(run_dir: Path, rows: int) -> None:
+    """Q&A rows with ~400-token answers: shipped answers concatenated (GPU-sized sequences)."""
+    from tasks.config import REPO_ROOT
+
+    source = [json.loads(line) for line in (REPO_ROOT / "data" / "qa.jsonl").read_text().splitlines() if line]
+    data = run_dir / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    for name, n, offset in (("train", rows, 0), ("eval", 32, rows)):
+        lines = []
+        for i in range(n):
+            q = source[(offset + i) % len(source)]
+            answer = " ".join(source[(offset + i + k) % len(source)]["answer"] for k in range(30))
+            lines.append(
+                json.dumps(
+                    {"id": f"{name}{i}", "question": q["question"], "answer": answer[:3600], "category": "x"}
+                )
+            )
+        (data / f"{name}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")

@@ -1,0 +1,196 @@
+"""results.json -> the markdown table in RESULTS.md (figure, measured ratio, target, met)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _get(data: dict[str, Any], *path: str) -> Any:
+    for key in path:
+        if not isinstance(data, dict) or key not in data:
+            return None
+        data = data[key]
+    return data
+
+
+def _x(v: Any, digits: int = 2) -> str:
+    return "n/a" if v is None else f"{v:.{digits}f}x"
+
+
+def _pct(v: Any) -> str:
+    return "n/a" if v is None else f"{100 * v:.1f}%"
+
+
+def _met(ok: bool | None) -> str:
+    return "n/a" if ok is None else ("yes" if ok else "**no**")
+
+
+def _cmp(v: Any, op: str, target: float) -> bool | None:
+    if v is None:
+        return None
+    return v >= target if op == ">=" else (v <= target if op == "<=" else v < target)
+
+
+def render_table(results: dict[str, Any]) -> str:
+    """The measured table plus the machine it ran on."""
+    figs = results.get("figures", {})
+    m = results.get("machine", {})
+    run = results.get("run", {})
+    rows: list[tuple[str, str, str, str, str]] = []
+
+    def status_row(fig: str, label: str, target: str) -> bool:
+        st = _get(figs, fig, "status")
+        if st == "measured":
+            return False
+        what = "not run" if st is None else st
+        if st == "failed":
+            what = f"failed: {str(_get(figs, fig, 'error'))[:120]}"
+        rows.append((label, what, target, "n/a", ""))
+        return True
+
+    if not status_row("training", "1a. train tokens/s: stage vs naive TRL defaults", ">= 15x"):
+        f1 = figs["training"]["figure1"]
+        v = f1["stage_vs_naive"]
+        rows.append(
+            (
+                "1a. train tokens/s: stage vs naive TRL defaults",
+                _x(v),
+                ">= 15x",
+                _met(_cmp(v, ">=", 15)),
+                f"{f1['stage_tokens_per_s']:.0f} vs {f1['naive_tokens_per_s']:.0f} tok/s "
+                f"median block rates (raw ratio {_x(f1['stage_vs_naive_raw'])}); the ratio is of per-step rates, "
+                "each divided by the bare step run right after it",
+            )
+        )
+        v = f1["stage_vs_bare"]
+        rows.append(
+            (
+                "1b. train tokens/s: stage vs bare PyTorch+PEFT loop",
+                _x(v),
+                ">= 0.85x",
+                _met(_cmp(v, ">=", 0.85)),
+                f"{f1['stage_tokens_per_s']:.0f} vs {f1['bare_tokens_per_s']:.0f} tok/s (median blocks); median of "
+                f"per-step ratios on the same batches (ratio of sums {_x(f1.get('stage_vs_bare_sums'))})",
+            )
+        )
+        f2 = figs["training"]["figure2"]
+        sizes = sorted(f2["gemm_fp32"], key=int)
+        gemm = ", ".join(f"{n}^2: {f2['gemm_fp32'][n]['flops'] / 1e9:.0f} GFLOP/s" for n in sizes)
+        mfu = " / ".join(_pct(f2.get(f"mfu_vs_gemm{n}")) for n in sizes)
+        six = " / ".join(_pct(f2.get(f"mfu_6n_vs_gemm{n}")) for n in sizes)
+        best = max(f2["variants"], key=lambda v: v["tokens_per_s"]) if f2["variants"] else None
+        extra = (
+            f"; best variant {best['variant']}: {' / '.join(_pct(best.get(f'mfu_vs_gemm{n}')) for n in sizes)}"
+            if best
+            else ""
+        )
+        rows.append(
+            (
+                f"2. MFU (useful FLOP/s / fp32 GEMM {' and '.join(s + '^2' for s in sizes)})",
+                mfu,
+                "report; raise where possible",
+                "n/a",
+                f"6N convention {six}; fp32 GEMM {gemm}{extra}",
+            )
+        )
+    if not status_row("inference", "3. ORT (KV cache) vs PyTorch generate", ">= 3x / >= 1.5x"):
+        f3 = figs["inference"]
+        for b, target in (("1", 3.0), ("8", 1.5)):
+            d = f3[f"batch{b}"]
+            rows.append(
+                (
+                    f"3. generation tokens/s, batch {b}: ORT vs PyTorch eager",
+                    _x(d["ort_vs_torch"]),
+                    f">= {target}x",
+                    _met(_cmp(d["ort_vs_torch"], ">=", target)),
+                    f"{d['ort_tokens_per_s']:.0f} vs {d['torch_tokens_per_s']:.0f} tok/s; "
+                    f"identical outputs {100 * d['identical_outputs']:.0f}%",
+                )
+            )
+    if not status_row("airflow", "4a. `airflow dags test` wall / sum of stage times", "<= 1.3x"):
+        f = figs["airflow"]
+        rows.append(
+            (
+                "4a. `airflow dags test` wall / sum of stage times",
+                _x(f["wall_vs_stages"]),
+                "<= 1.3x",
+                _met(_cmp(f["wall_vs_stages"], "<=", 1.3)),
+                f"{f['dags_test_wall_s']:.0f} s vs {f['stages_sum_s']:.0f} s (db migrate {f['db_migrate_s']:.0f} s, not counted)",
+            )
+        )
+    if not status_row("dvc", "4b. `dvc repro`, nothing changed", "< 5 s"):
+        f = figs["dvc"]
+        v = f["noop_repro_s_median"]
+        rows.append(
+            (
+                "4b. `dvc repro`, nothing changed",
+                f"{v:.2f} s",
+                "< 5 s",
+                _met(_cmp(v, "<", 5.0) and not f["noop_ran"]),
+                f"runs {f['noop_repro_s_runs']}; stages rerun: {f['noop_ran'] or 'none'}",
+            )
+        )
+    if not status_row("dag", "5. DAG parse (airflow already imported)", "well under 1 s, no torch"):
+        f = figs["dag"]
+        v = f["parse_s_median"]
+        rows.append(
+            (
+                "5. DAG parse (airflow already imported)",
+                f"{v:.2f} s",
+                "well under 1 s, no torch",
+                _met(v < 1.0 and not f["heavy_imported"]),
+                f"{f['new_modules']} new modules ({', '.join(f['new_top_level_packages'][:5])}); heavy: "
+                f"{f['heavy_imported'] or 'none'}; airflow import {f['airflow_import_s']:.1f} s (separate)",
+            )
+        )
+    if not status_row("memory", "6. peak RSS - baseline / model bytes", "merge: < 2 copies"):
+        f = figs["memory"]
+        for key, label, target, ok in (
+            ("train_tiny", "6a. train peak / model bytes (tiny)", "report", None),
+            ("merge_tiny", "6b. merge peak / model bytes (tiny)", "report", None),
+            ("merge_large", "6c. merge peak / model bytes (random Llama)", "< 2 copies", "lt2"),
+        ):
+            d = f[key]
+            rows.append(
+                (
+                    label,
+                    _x(d["ratio"]),
+                    target,
+                    _met(d["ratio"] < 2.0) if ok else "n/a",
+                    f"{d['peak_minus_baseline'] / 2**20:.0f} MiB over baseline for {d['model_bytes'] / 2**20:.0f} MiB of weights",
+                )
+            )
+    g = figs.get("gpu", {})
+    if g.get("status") == "measured":
+        rows.append(
+            (
+                "7. GPU LoRA MFU (bf16, 1.1B Llama)",
+                _pct(g["stage_mfu"]),
+                ">= 35%",
+                _met(_cmp(g["stage_mfu"], ">=", 0.35)),
+                f"{g['gpu']}: {g['stage_tokens_per_s']:.0f} tok/s, {_x(g['stage_vs_naive'])} TRL defaults, "
+                f"{_x(g['stage_vs_bare'])} bare",
+            )
+        )
+    else:
+        rows.append(("7. GPU LoRA MFU (bf16, 1.1B Llama)", "**not measured** (no GPU)", ">= 35%", "n/a", ""))
+
+    lines = [
+        f"Measured {run.get('started', '?')} ({'quick' if run.get('quick') else 'full'} run, "
+        f"{run.get('seconds', '?')} s; figures {', '.join(run.get('figures', []))}) on "
+        f"{m.get('cpu', '?')}, {m.get('cpu_count', '?')} cores, {m.get('memory_gib', '?')} GiB, "
+        f"torch threads {m.get('torch_threads', '?')}, GPUs: {', '.join(m.get('gpus') or []) or 'none'}; "
+        f"load average at start {run.get('load_start')}, at end {run.get('load_end')}.",
+        f"Versions: {', '.join(f'{k} {v}' for k, v in (m.get('versions') or {}).items())}.",
+        "",
+        "| figure | measured | target | met | detail |",
+        "|---|---|---|---|---|",
+    ]
+    lines += [f"| {a} | {b} | {c} | {d} | {e} |" for a, b, c, d, e in rows]
+    per_fig = [
+        f"{name}: {_get(figs, name, 'seconds')} s, load {_get(figs, name, 'load_end')}"
+        for name in figs
+        if _get(figs, name, "seconds") is not None
+    ]
+    lines += ["", "Per figure (wall seconds, load average when it finished): " + "; ".join(per_fig) + "."]
+    return "\n".join(lines)

@@ -1,0 +1,499 @@
+"""Figures 1 and 2: training throughput (non-pad tokens/s) and hardware efficiency (MFU).
+
+Three trainings of the same LoRA (params.yaml `lora`) on the tiny base, the same batch size:
+
+* stage: `tasks.train.train_adapter` itself (TRL SFTTrainer with the device plan, length-grouped
+  sampler, prompt/completion data). Per-step times come from a callback added to the stage's own
+  progress reporter, and its batches are recorded by a forward pre-hook, so nothing else changes.
+* bare: a plain PyTorch + PEFT step (forward, backward, clip, AdamW) on *the batch the stage just
+  trained on*, run right after each stage step (its time kept out of the stage's): the ceiling
+  without trainer overhead, measured under the same machine load (the CPU here is shared).
+* naive: the reference walkthrough ported as is to TRL 1.x: its `text` format
+  ("<s>[INST] q [/INST] a </s>", loss on every token) and SFTConfig's defaults (bf16 autocast,
+  gradient checkpointing, padding to the longest row, random order, fused AdamW); only `use_cpu`,
+  the batch size and the LoRA settings are set (to the stage's, so that the ratio is not a batch-size
+  effect; the walkthrough's batch 4 would be slower per token still).
+
+Tokens/s count non-pad tokens (prompt included) of the measured steps, after warm-up steps; the
+measured steps are split into blocks and the median block rate is reported. The naive run is paired
+with bare steps too (on the stage's batches), and stage-vs-naive is reported both raw and with each
+side divided by the bare rate measured beside it (the machine's speed at that moment).
+
+MFU: useful FLOPs per non-pad token (LoRA: frozen weights need no weight gradient)
+    4 * N_frozen_matmul + 6 * N_lora + 12 * L * d * T
+(forward 2N, input-gradient 2N for frozen weights; 6N for LoRA weights; attention scores and
+values forward + backward with T the mean sequence length, PaLM's convention), where
+N_frozen_matmul counts every weight used in a matmul (the tied LM head included, embeddings lookups
+not). The common convention 6 * N_params is reported too. Divided by torch.matmul fp32 FLOP/s on
+square matrices measured in the same run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import bench_config, gemm_flops, loadavg, median, ratio, write_split
+
+log = logging.getLogger("qa_lora.bench")
+
+
+def run(tmp: Path, quick: bool, device: str = "cpu") -> dict[str, Any]:
+    """Figures 1 and 2 on the tiny base (CPU). Returns the JSON for results.json.
+
+    Also leaves a trained run dir (`run_dir`) that the inference figure exports and reuses.
+    """
+    import torch
+
+    warmup, steps, blocks = (2, 12, 3) if quick else (4, 24, 3)
+    naive_steps = 3 if quick else 5  # slower per step: fewer steps, same block scheme
+    run_dir = tmp / "runs" / "train-bench"
+    split = write_split(run_dir)
+    batch = 16
+    cfg = bench_config(
+        tmp,
+        [
+            ("train.max_steps", warmup + steps),
+            ("train.per_device_train_batch_size", batch),
+            ("train.save_steps", 10_000),  # no checkpoint inside the measured steps
+            ("train.logging_steps", 10),
+            ("runtime.device", device),
+        ],
+    )
+    load_before = loadavg()
+    stage = _measure_stage(cfg, run_dir, warmup, blocks)
+    batches = stage.pop("batches")
+    naive = _measure_naive(cfg, run_dir, batch, batches, stage["attn_implementation"], 1, naive_steps, blocks)
+    load_after = loadavg()
+    s_rate, s_probe = stage["trainer"]["tokens_per_s"], stage["paired_bare"]["tokens_per_s"]
+    n_rate, n_probe = naive["trainer"]["tokens_per_s"], naive["paired_bare"]["tokens_per_s"]
+    figure1 = {
+        "stage_tokens_per_s": s_rate,
+        "bare_tokens_per_s": s_probe,
+        "naive_tokens_per_s": n_rate,
+        # same batches, each bare step right after the stage's step on it: median of per-step ratios
+        "stage_vs_bare": stage["relative_to_bare"]["median"],
+        "stage_vs_bare_sums": stage["paired_ratio"],
+        "stage_vs_naive_raw": ratio(s_rate, n_rate),
+        # each trainer step divided by the bare step beside it (the machine's speed at that moment)
+        "stage_vs_naive": ratio(stage["relative_to_bare"]["median"], naive["relative_to_bare"]["median"]),
+        "stage_vs_naive_blocks": ratio(ratio(s_rate, s_probe), ratio(n_rate, n_probe)),
+        "stage": stage,
+        "naive": naive,
+        "batch_size": batch,
+        "split": split,
+        "load_before": load_before,
+        "load_after": load_after,
+    }
+
+    # ---- figure 2: MFU
+    flops = _flops_per_token(cfg, stage["trainer"]["mean_seq_len"])
+    sizes = [256, 2048] if not quick else [256, 1024]
+    gemm = gemm_flops("cpu", "float32", sizes, seconds=1.0 if not quick else 0.5)
+    variants = _batch_variants(cfg, batches, stage["attn_implementation"], quick)
+    figure2 = {
+        "flops_per_token": flops,
+        "gemm_fp32": gemm,
+        "torch_threads": torch.get_num_threads(),
+        "stage_achieved_flops": s_rate * flops["lora"],
+        "stage_achieved_flops_6n": s_rate * flops["six_n"],
+        "stage_padded_flops": stage["trainer"]["padded_tokens_per_s"] * flops["lora"],
+        "bare_achieved_flops": s_probe * flops["lora"],
+        "variants": variants,
+    }
+    for n, g in gemm.items():
+        figure2[f"mfu_vs_gemm{n}"] = ratio(figure2["stage_achieved_flops"], g["flops"])
+        figure2[f"mfu_6n_vs_gemm{n}"] = ratio(figure2["stage_achieved_flops_6n"], g["flops"])
+        figure2[f"hfu_padded_vs_gemm{n}"] = ratio(figure2["stage_padded_flops"], g["flops"])
+        figure2[f"bare_mfu_vs_gemm{n}"] = ratio(figure2["bare_achieved_flops"], g["flops"])
+        for v in variants:
+            v[f"mfu_vs_gemm{n}"] = ratio(v["tokens_per_s"] * flops["lora"], g["flops"])
+    return {"figure1": figure1, "figure2": figure2, "run_dir": str(run_dir)}
+
+
+# ------------------------------------------------------------------------------------------ bare
+
+
+class _Bare:
+    """A plain PyTorch + PEFT training step (forward, backward, clip, AdamW), timed per batch."""
+
+    KEYS = ("input_ids", "attention_mask", "labels", "position_ids")
+
+    def __init__(self, cfg: Any, attn: str) -> None:
+        import torch
+
+        self.cfg = cfg
+        self.model = _peft_model(cfg, attn)
+        self.model.train()
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(
+            self.params, lr=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay
+        )
+
+    def step(self, batch: dict[str, Any]) -> float:
+        import torch
+
+        _sync(self.cfg)
+        t = time.perf_counter()
+        out = self.model(**{k: batch[k] for k in self.KEYS if k in batch}, use_cache=False)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, self.cfg.train.max_grad_norm)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        _sync(self.cfg)
+        return time.perf_counter() - t
+
+
+def _on_gpu(cfg: Any) -> bool:
+    return cfg.runtime.device == "cuda"
+
+
+def _sync(cfg: Any) -> None:
+    if _on_gpu(cfg):
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def _peft_model(cfg: Any, attn: str) -> Any:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    gpu = _on_gpu(cfg)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(cfg.resolve(cfg.base.name_or_path)),
+        dtype=torch.bfloat16 if gpu else torch.float32,  # what the stage's device plan picks
+        attn_implementation=attn,
+        device_map={"": 0} if gpu else None,
+    )
+    model.config.use_cache = False
+    lora = LoraConfig(
+        r=cfg.lora.r,
+        lora_alpha=cfg.lora.alpha,
+        lora_dropout=cfg.lora.dropout,
+        target_modules=list(cfg.lora.target_modules),
+        bias=cfg.lora.bias,
+        task_type="CAUSAL_LM",
+    )
+    torch.manual_seed(cfg.train.seed)
+    return get_peft_model(model, lora)
+
+
+class _Paired:
+    """Callback body shared by the stage and the naive run: times each trainer step and runs one bare
+    step right after it (its time excluded from the trainer's), so both see the same machine load."""
+
+    def __init__(self, cfg: Any, attn: str, probe_batches: list[dict[str, Any]] | None) -> None:
+        self.cfg, self.attn = cfg, attn
+        self.probe_batches = probe_batches  # None: probe with the batch the trainer just used
+        self.bare: _Bare | None = None
+        self.mark = 0.0
+        self.trainer_times: list[float] = []
+        self.bare_times: list[float] = []
+        self.batches: list[dict[str, Any]] = []  # what the trainer's model was fed, per step
+        self.probe_used: list[dict[str, Any]] = []
+        self.handle: Any = None
+
+    def _hook(self, module: Any, args: Any, kwargs: dict[str, Any]) -> None:
+        if module.training and "attention_mask" in kwargs:
+            self.batches.append({k: v.detach().clone() for k, v in kwargs.items() if hasattr(v, "detach")})
+
+    def begin(self, model: Any) -> None:
+        if self.bare is None:
+            self.bare = _Bare(self.cfg, self.attn)
+            self.handle = model.register_forward_pre_hook(self._hook, with_kwargs=True)
+            _sync(self.cfg)
+            self.mark = time.perf_counter()
+
+    def end(self) -> None:
+        _sync(self.cfg)  # GPU work is asynchronous: the step is done when the device is
+        now = time.perf_counter()
+        self.trainer_times.append(now - self.mark)
+        i = len(self.trainer_times) - 1
+        probe = (
+            self.batches[-1]
+            if self.probe_batches is None
+            else self.probe_batches[i % len(self.probe_batches)]
+        )
+        self.probe_used.append(probe)
+        assert self.bare is not None
+        self.bare_times.append(self.bare.step(probe))
+        self.mark = time.perf_counter()
+
+    def close(self) -> None:
+        if self.handle is not None:
+            self.handle.remove()
+
+
+# ----------------------------------------------------------------------------------------- stage
+
+
+def _measure_stage(cfg: Any, run_dir: Path, warmup: int, blocks: int, attn: str = "sdpa") -> dict[str, Any]:
+    """Run the train stage unchanged; time its optimizer steps, each paired with a bare step.
+
+    `attn` is the bare loop's attention; the stage's own choice is checked against it afterwards.
+    """
+    import tasks.train as stage
+
+    paired = _Paired(cfg, attn, None)
+    original = stage._reporter
+
+    def reporter(*args: Any, **kwargs: Any) -> Any:
+        rep = original(*args, **kwargs)
+
+        def on_step_begin(a: Any, state: Any, control: Any, model: Any = None, **kw: Any) -> None:
+            paired.begin(model)
+
+        def on_step_end(a: Any, state: Any, control: Any, **kw: Any) -> None:
+            paired.end()
+
+        # instance attributes: the reporter's class has no step callbacks, so nothing is overridden
+        rep.on_step_begin, rep.on_step_end = on_step_begin, on_step_end
+        return rep
+
+    stage._reporter = reporter
+    t = time.perf_counter()
+    try:
+        result = stage.train_adapter(cfg, run_dir)
+    finally:
+        stage._reporter = original
+        paired.close()
+    wall = time.perf_counter() - t
+    summary = json.loads(Path(result["summary"]).read_text())
+    attn = summary.get("attn_implementation", "sdpa")
+    if summary.get("attn_implementation") != paired.attn:
+        log.warning("the stage used %s attention, the bare loop %s", attn, paired.attn)
+    if len(paired.trainer_times) != len(paired.batches):
+        raise RuntimeError(f"stage: {len(paired.trainer_times)} steps but {len(paired.batches)} batches")
+    trainer = _block_rates(paired.batches, paired.trainer_times, warmup, blocks)
+    bare = _block_rates(paired.batches, paired.bare_times, warmup, blocks)
+    return {
+        "trainer": trainer,
+        "paired_bare": bare,
+        "relative_to_bare": _relative(
+            paired.batches, paired.trainer_times, paired.batches, paired.bare_times, warmup
+        ),
+        "paired_ratio": ratio(sum(paired.bare_times[warmup:]), sum(paired.trainer_times[warmup:])),
+        "steps": len(paired.trainer_times),
+        "warmup_steps": warmup,
+        "stage_wall_s": round(wall, 2),
+        "attn_implementation": attn,
+        "precision": summary.get("precision"),
+        "gradient_checkpointing": summary.get("gradient_checkpointing"),
+        "batches": paired.batches,
+    }
+
+
+def _relative(
+    batches: list[dict[str, Any]],
+    times: list[float],
+    probes: list[dict[str, Any]],
+    bare: list[float],
+    warmup: int,
+) -> dict[str, Any]:
+    """Per measured step: the trainer's tokens/s divided by the bare step's run right after it.
+
+    Adjacent in time, the two see the same machine load, so the median of these ratios is the
+    figure that survives the load swings of a shared machine (block rates here varied 15x).
+    """
+    rel = []
+    for b, t, p, u in zip(batches[warmup:], times[warmup:], probes[warmup:], bare[warmup:], strict=True):
+        rel.append((int(b["attention_mask"].sum()) / t) / (int(p["attention_mask"].sum()) / u))
+    return {"median": median(rel), "per_step": [round(r, 3) for r in rel]}
+
+
+def _block_rates(
+    batches: list[dict[str, Any]], times: list[float], warmup: int, blocks: int
+) -> dict[str, Any]:
+    """Non-pad tokens/s over the steps after warm-up, as the median of `blocks` consecutive blocks."""
+    toks = [int(b["attention_mask"].sum()) for b in batches]
+    padded = [int(b["attention_mask"].numel()) for b in batches]
+    toks, padded, times = toks[warmup:], padded[warmup:], times[warmup:]
+    size = max(1, len(times) // blocks)
+    block_rates, block_padded = [], []
+    for i in range(0, size * blocks, size):
+        sl = slice(i, i + size)
+        if not times[sl]:
+            break
+        block_rates.append(sum(toks[sl]) / sum(times[sl]))
+        block_padded.append(sum(padded[sl]) / sum(times[sl]))
+    lengths = [int(m) for b in batches for m in b["attention_mask"].sum(-1).tolist()]
+    return {
+        "tokens_per_s": median(block_rates),
+        "block_tokens_per_s": [round(r, 1) for r in block_rates],
+        "padded_tokens_per_s": median(block_padded),
+        "overall_tokens_per_s": sum(toks) / max(sum(times), 1e-9),
+        "measured_steps": len(times),
+        "median_step_s": median(times),
+        "pad_fraction": 1 - sum(toks) / max(1, sum(padded)),
+        "mean_seq_len": sum(lengths) / max(1, len(lengths)),
+    }
+
+
+def _batch_variants(cfg: Any, batches: list[dict[str, Any]], attn: str, quick: bool) -> list[dict[str, Any]]:
+    """The bare loop over the stage's sequences re-batched: random order vs length-grouped, batch 16-64.
+
+    Shows what bucketing and larger batches do to tokens/s (and so to MFU) on this machine.
+    """
+    import torch
+
+    seqs = []
+    for b in batches:
+        for row in range(b["input_ids"].shape[0]):
+            n = int(b["attention_mask"][row].sum())
+            seqs.append((b["input_ids"][row, :n], b["labels"][row, :n]))
+    g = torch.Generator().manual_seed(0)
+    order = torch.randperm(len(seqs), generator=g).tolist()
+    pool = [seqs[i] for i in order][: 128 if quick else 192]
+    bare = _Bare(cfg, attn)
+    out = []
+    for name, size, grouped in (
+        ("random order, batch 16", 16, False),
+        ("length-grouped, batch 16", 16, True),
+        ("length-grouped, batch 32", 32, True),
+        ("length-grouped, batch 64", 64, True),
+    ):
+        items = sorted(pool, key=lambda s: -len(s[0])) if grouped else pool
+        made = [_pad(items[i : i + size]) for i in range(0, len(items) - size + 1, size)]
+        if grouped:  # shuffle the batches, not the rows inside them (the stage's sampler does so too)
+            made = [made[i] for i in torch.randperm(len(made), generator=g).tolist()]
+        made = [made[0], *made]  # first step is warm-up
+        times = [bare.step(b) for b in made]
+        rates = _block_rates(made, times, warmup=1, blocks=1)
+        out.append({"variant": name, "batch": size, **rates})
+    return out
+
+
+def _pad(rows: list[tuple[Any, Any]]) -> dict[str, Any]:
+    import torch
+
+    width = max(len(ids) for ids, _ in rows)
+    ids = torch.full((len(rows), width), 0, dtype=torch.long)
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (x, y) in enumerate(rows):
+        ids[i, : len(x)], labels[i, : len(y)], mask[i, : len(x)] = x, y, 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+# ----------------------------------------------------------------------------------------- naive
+
+
+def _measure_naive(
+    cfg: Any,
+    run_dir: Path,
+    batch: int,
+    probe_batches: list[dict[str, Any]],
+    attn: str,
+    warmup: int,
+    steps: int,
+    blocks: int,
+) -> dict[str, Any]:
+    """The walkthrough on TRL 1.x defaults (see the module docstring), paired with bare steps."""
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    base = str(cfg.resolve(cfg.base.name_or_path))
+    rows = [json.loads(line) for line in (run_dir / "data" / "train.jsonl").read_text().splitlines()]
+    data = Dataset.from_list(
+        [{"text": f"<s>[INST] {r['question']} [/INST] {r['answer']} </s>"} for r in rows]
+    )
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    model = AutoModelForCausalLM.from_pretrained(base)  # the walkthrough: no dtype, no device given
+    paired = _Paired(cfg, attn, probe_batches)
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kw: Any) -> None:
+            paired.begin(model)
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            paired.end()
+
+    args = SFTConfig(
+        output_dir=str(run_dir.parent / "naive-trl"),
+        use_cpu=not _on_gpu(cfg),  # SFTConfig refuses to start on a machine without a GPU otherwise
+        per_device_train_batch_size=batch,
+        max_steps=warmup + steps,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        logging_steps=1000,
+    )
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=data,
+        processing_class=tokenizer,
+        peft_config=LoraConfig(
+            r=cfg.lora.r,
+            lora_alpha=cfg.lora.alpha,
+            lora_dropout=cfg.lora.dropout,
+            target_modules=list(cfg.lora.target_modules),
+            task_type="CAUSAL_LM",
+        ),
+        callbacks=[Timer()],
+    )
+    try:
+        trainer.train()
+    finally:
+        paired.close()
+    if len(paired.trainer_times) != len(paired.batches):
+        raise RuntimeError(f"naive: {len(paired.trainer_times)} steps but {len(paired.batches)} batches")
+    return {
+        "trainer": _block_rates(paired.batches, paired.trainer_times, warmup, blocks),
+        "paired_bare": _block_rates(paired.probe_used, paired.bare_times, warmup, blocks),
+        "relative_to_bare": _relative(
+            paired.batches, paired.trainer_times, paired.probe_used, paired.bare_times, warmup
+        ),
+        "steps": len(paired.trainer_times),
+        "warmup_steps": warmup,
+        "bf16": bool(args.bf16),
+        "gradient_checkpointing": bool(getattr(trainer.model, "is_activation_checkpointing", False)),
+        "optim": str(getattr(args.optim, "value", args.optim)),
+        "padding_free": bool(args.padding_free),
+        "packing": bool(args.packing),
+        "text_format": "<s>[INST] {question} [/INST] {answer} </s> (loss on every token)",
+    }
+
+
+# ----------------------------------------------------------------------------------------- FLOPs
+
+
+def _flops_per_token(cfg: Any, mean_seq_len: float) -> dict[str, Any]:
+    """Counts of the base model (from its config, on the meta device) and the LoRA adapter."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    mconf = AutoConfig.from_pretrained(str(cfg.resolve(cfg.base.name_or_path)))
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(mconf)
+    total = sum(p.numel() for p in model.parameters())
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    head = model.get_output_embeddings()
+    head_tied = head is not None and head.weight is model.get_input_embeddings().weight
+    n_lora = 0
+    targets = set(cfg.lora.target_modules)
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in targets:
+            n_lora += cfg.lora.r * (m.in_features + m.out_features)
+    layers, d = mconf.num_hidden_layers, mconf.hidden_size
+    attn = 12 * layers * d * mean_seq_len
+    lora_flops = 4 * linear + 6 * n_lora + attn
+    return {
+        "formula": "4*N_frozen_matmul + 6*N_lora + 12*L*d*T",
+        "N_params": total,
+        "N_frozen_matmul": linear,
+        "lm_head_tied": head_tied,
+        "N_lora": n_lora,
+        "L": layers,
+        "d": d,
+        "T_mean": round(mean_seq_len, 1),
+        "lora": lora_flops,
+        "six_n": 6 * total,
+    }
