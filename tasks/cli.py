@@ -101,7 +101,16 @@ def setup_logging(level: str = "INFO") -> None:
         force=True,
     )
     # Libraries whose INFO lines drown the pipeline's own progress in task logs.
-    for noisy in ("great_expectations", "alembic", "httpx", "urllib3", "filelock", "mlflow", "dvc", "asyncio"):
+    for noisy in (
+        "great_expectations",
+        "alembic",
+        "httpx",
+        "urllib3",
+        "filelock",
+        "mlflow",
+        "dvc",
+        "asyncio",
+    ):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
 
 

@@ -104,7 +104,9 @@ def test_custom_architecture_needing_remote_code_is_refused(
     done = _stage(home, "train", run, f"base.name_or_path={base}")
     assert done.returncode == 2, done.stderr[-3000:]
     line = done.stderr.strip().splitlines()[-1]
-    assert line.startswith("qa-lora: error: base.name_or_path") and "base.trust_remote_code: true" in line, line
+    assert line.startswith("qa-lora: error: base.name_or_path") and "base.trust_remote_code: true" in line, (
+        line
+    )
     assert "Traceback" not in done.stderr
     assert not marker.exists()
     assert not (run / "train" / "adapter").exists()

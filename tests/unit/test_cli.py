@@ -43,7 +43,10 @@ def test_stage_help_shows_common_flags(capsys: pytest.CaptureFixture[str]) -> No
         (["train", "--set", "train.learning_rate=-1"], "train.learning_rate: input should be greater than 0"),
         (["train", "--set", "lora.rank=8"], "unknown key 'lora.rank'"),
         (["train", "--set", "novalue"], "expected section.key=value"),
-        (["train", "--params", "/nonexistent/params.yaml"], "/nonexistent/params.yaml: params file not found"),
+        (
+            ["train", "--params", "/nonexistent/params.yaml"],
+            "/nonexistent/params.yaml: params file not found",
+        ),
     ],
 )
 def test_user_errors_exit_2_with_one_line(
