@@ -80,10 +80,10 @@ def show(run_dir: Path, questions: int = 3) -> None:
         :questions
     ]
     generator = load_onnx_generator(Path(champion["onnx_path"]))
-    answers = generator.generate([format_prompt(r["question"]) for r in rows], max_new_tokens=48)
+    result = generator.generate([format_prompt(r["question"]) for r in rows], max_new_tokens=48)
     print(f"\nchampion version {champion['version']} answers (onnxruntime, {generator.provider}):")
-    for row, answer in zip(rows, answers, strict=True):
-        print(f"  Q: {row['question']}\n  A: {answer.text.strip()}\n     (reference: {row['answer']})")
+    for row, text in zip(rows, result.texts, strict=True):
+        print(f"  Q: {row['question']}\n  A: {text}\n     (reference: {row['answer']})")
 
 
 def main() -> None:
