@@ -59,6 +59,43 @@ class LoadedData:
     rows: list[dict[str, Any]] = field(default_factory=list)
 
 
+SPLIT_FIELDS = ("id", "question", "answer", "category")
+
+
+def read_split(path: Path, what: str = "split") -> list[dict[str, str]]:
+    """A validated split (run_dir/data/train.jsonl or eval.jsonl) as rows, in file order.
+
+    Train, evaluate and export read the same files; one reader gives them the same checks and messages.
+
+    Raises:
+        UserError: a missing or empty file, a line that is not JSON, a missing or non-string field.
+    """
+    if not path.is_file():
+        raise UserError(f"{path}: {what} not found; run `qa-lora validate` first")
+    rows: list[dict[str, str]] = []
+    with path.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise UserError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+            bad = (
+                [k for k in SPLIT_FIELDS if not isinstance(row.get(k), str)]
+                if isinstance(row, dict)
+                else ["*"]
+            )
+            if bad:
+                raise UserError(
+                    f"{path}:{lineno}: expected string fields {', '.join(SPLIT_FIELDS)}; missing/bad: {', '.join(bad)}"
+                )
+            rows.append({k: row[k] for k in SPLIT_FIELDS})
+    if not rows:
+        raise UserError(f"{path}: the {what} is empty")
+    return rows
+
+
 def normalize_question(text: str) -> str:
     """The form used for duplicates and the split: NFKC, case-folded, whitespace collapsed."""
     return " ".join(unicodedata.normalize("NFKC", text).casefold().split())

@@ -33,6 +33,7 @@ from typing import Any
 
 from tasks.artifacts import atomic_dir, read_json, write_json_atomic
 from tasks.config import Config
+from tasks.dataio import read_split
 from tasks.errors import UserError
 from tasks.metrics import ROW_METRICS, aggregate, bootstrap_ci, decide_gate, metric_array, score_row
 from tasks.prompting import format_completion, format_prompt
@@ -42,7 +43,6 @@ log = logging.getLogger("qa_lora.evaluate")
 # Bump when a change here changes per-row results (scoring, decoding): older cache entries are ignored.
 CACHE_VERSION = "1"
 MODELS = ("base", "candidate", "champion")
-_REQUIRED_FIELDS = ("id", "question", "answer", "category")
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".json", ".model", ".txt", ".jinja")
 _USE_REGISTRY: Any = object()  # sentinel: ask the registry for the champion
 
@@ -162,30 +162,7 @@ def evaluate_candidate(cfg: Config, run_dir: Path, *, _champion: Any = _USE_REGI
 
 def _load_eval_rows(path: Path, max_rows: int) -> list[dict[str, str]]:
     """The eval rows, in a fixed order (by id: a content hash, so a stable pseudo-random subset)."""
-    if not path.is_file():
-        raise UserError(f"{path}: eval split not found; run `qa-lora validate` first")
-    rows: list[dict[str, str]] = []
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UserError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
-            missing = (
-                [k for k in _REQUIRED_FIELDS if not isinstance(row.get(k), str)]
-                if isinstance(row, dict)
-                else ["*"]
-            )
-            if missing:
-                raise UserError(
-                    f"{path}:{lineno}: expected string fields {', '.join(_REQUIRED_FIELDS)}; missing/bad: {', '.join(missing)}"
-                )
-            rows.append({k: row[k] for k in _REQUIRED_FIELDS})
-    if not rows:
-        raise UserError(f"{path}: the eval split is empty")
-    rows.sort(key=lambda r: (r["id"], r["question"]))
+    rows = sorted(read_split(path, "eval split"), key=lambda r: (r["id"], r["question"]))
     return rows[:max_rows]
 
 

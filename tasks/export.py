@@ -36,6 +36,7 @@ from typing import Any
 
 from tasks.artifacts import atomic_dir, read_json
 from tasks.config import Config
+from tasks.dataio import read_split
 from tasks.errors import UserError
 from tasks.onnx_generate import LAYOUT_FILE, LAYOUT_FORMAT, ProviderChoice, choose_provider
 from tasks.prompting import format_prompt
@@ -233,26 +234,8 @@ def export_model(cfg: Config, run_dir: Path) -> dict[str, Any]:
 
 
 def _parity_questions(path: Path, n: int) -> list[str]:
-    """The first `n` eval questions in id order (stable across runs), longest and shortest included."""
-    rows: list[tuple[str, str]] = []
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UserError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
-            if (
-                not isinstance(row, dict)
-                or not isinstance(row.get("question"), str)
-                or not row["question"].strip()
-            ):
-                raise UserError(f"{path}:{lineno}: expected an object with a non-empty string 'question'")
-            rows.append((str(row.get("id", lineno)), row["question"]))
-    if not rows:
-        raise UserError(f"{path}: the eval split is empty; parity needs at least one prompt")
-    rows.sort()
+    """The first `n` eval questions in id order (stable across runs)."""
+    rows = sorted((r["id"], r["question"]) for r in read_split(path, "eval split"))
     return [q for _, q in rows[:n]]
 
 

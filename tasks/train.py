@@ -40,6 +40,7 @@ from typing import Any
 
 from tasks.artifacts import atomic_dir, read_json, write_json_atomic, write_text_atomic
 from tasks.config import Config
+from tasks.dataio import read_split
 from tasks.errors import UserError
 from tasks.prompting import format_completion, format_prompt
 
@@ -54,7 +55,6 @@ CHECKPOINT_PREFIX = "checkpoint-"
 # train.* keys that change neither the numbers nor the result: a re-run with new values still resumes.
 _NON_RESULT_KEYS = frozenset({"logging_steps", "save_steps", "save_total_limit"})
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-_SPLIT_FIELDS = ("id", "question", "answer")
 
 
 def train_adapter(cfg: Config, run_dir: Path) -> dict[str, Any]:
@@ -374,25 +374,6 @@ def _check_target_modules(cfg: Config, model: Any, base: _Base) -> int:
 
 
 # ----------------------------------------------------------------------------------------- data
-
-
-def _read_split(path: Path) -> list[dict[str, str]]:
-    rows = []
-    with path.open(encoding="utf-8") as fh:
-        for number, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError as exc:
-                raise UserError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
-            missing = [k for k in _SPLIT_FIELDS if not isinstance(row.get(k), str)]
-            if not isinstance(row, dict) or missing:
-                raise UserError(f"{path}:{number}: expected string fields {', '.join(_SPLIT_FIELDS)}")
-            rows.append(row)
-    if not rows:
-        raise UserError(f"{path}: no rows; the split must not be empty")
-    return rows
 
 
 def _prompt_completion(rows: list[dict[str, str]]) -> Any:
@@ -872,7 +853,7 @@ def _train_process(
     # ---- tokenizer, data, model + LoRA
     tokenizer, pad_note = _load_tokenizer(cfg, base)
     paths = _split_paths(run_dir)
-    train_rows, eval_rows = _read_split(paths["train"]), _read_split(paths["eval"])
+    train_rows, eval_rows = read_split(paths["train"], "train split"), read_split(paths["eval"], "eval split")
     model = _load_model(cfg, base, plan)
     model.config.pad_token_id = tokenizer.pad_token_id
     model.config.use_cache = False  # no KV cache while training
