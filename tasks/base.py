@@ -81,6 +81,20 @@ CHAT_TEMPLATE = (
 )
 
 
+def base_source(cfg: Config) -> str:
+    """The base model as from_pretrained takes it: a local directory if there is one, else a hub id.
+
+    Raises:
+        UserError: the embedded tiny base (kind tiny) has not been built.
+    """
+    local = cfg.resolve(cfg.base.name_or_path)
+    if local.is_dir():
+        return str(local)
+    if cfg.base.kind == "tiny":
+        raise UserError(f"base.name_or_path: {local} does not exist; run `qa-lora base` first")
+    return cfg.base.name_or_path
+
+
 def build_base_model(cfg: Config) -> dict[str, Any]:
     """Build the embedded tiny base model at `base.name_or_path`, or reuse the cached build.
 

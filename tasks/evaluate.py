@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.artifacts import atomic_dir, read_json, write_json_atomic
+from tasks.base import base_source
 from tasks.config import Config
 from tasks.dataio import read_split
 from tasks.errors import UserError
@@ -91,7 +92,7 @@ def evaluate_candidate(cfg: Config, run_dir: Path, *, _champion: Any = _USE_REGI
             )
 
         scorer = _Scorer(cfg, rows, cache_root)
-        base_src = _base_source(cfg)
+        base_src = base_source(cfg)
         results: dict[str, list[dict[str, Any]] | None] = {}
         results["base"] = scorer.run("base", base_src, None, timings, cache_state)
         results["candidate"] = scorer.run("candidate", base_src, adapter_dir, timings, cache_state)
@@ -164,16 +165,6 @@ def _load_eval_rows(path: Path, max_rows: int) -> list[dict[str, str]]:
     """The eval rows, in a fixed order (by id: a content hash, so a stable pseudo-random subset)."""
     rows = sorted(read_split(path, "eval split"), key=lambda r: (r["id"], r["question"]))
     return rows[:max_rows]
-
-
-def _base_source(cfg: Config) -> str:
-    """The base model as from_pretrained takes it: a local directory if there is one, else a hub id."""
-    local = cfg.resolve(cfg.base.name_or_path)
-    if local.is_dir():
-        return str(local)
-    if cfg.base.kind == "tiny":
-        raise UserError(f"base.name_or_path: {local} does not exist; run `qa-lora base` first")
-    return cfg.base.name_or_path
 
 
 def _fetch_champion(cfg: Config, dest: Path) -> dict[str, Any] | None:

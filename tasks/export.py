@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.artifacts import atomic_dir, read_json
+from tasks.base import base_source
 from tasks.config import Config
 from tasks.dataio import read_split
 from tasks.errors import UserError
@@ -93,7 +94,7 @@ def export_model(cfg: Config, run_dir: Path) -> dict[str, Any]:
         reasons = "; ".join(gate.get("reasons") or []) or "see eval/gate.json"
         raise UserError(f"{run_dir / 'eval' / 'gate.json'}: the gate failed ({reasons}); nothing exported")
     questions = _parity_questions(eval_path, cfg.export.parity_prompts)
-    base_src = _base_source(cfg)
+    base_src = base_source(cfg)
     fingerprint = _fingerprint(cfg, run_dir, base_src, adapter_dir, questions)
 
     final = run_dir / "export"
@@ -237,15 +238,6 @@ def _parity_questions(path: Path, n: int) -> list[str]:
     """The first `n` eval questions in id order (stable across runs)."""
     rows = sorted((r["id"], r["question"]) for r in read_split(path, "eval split"))
     return [q for _, q in rows[:n]]
-
-
-def _base_source(cfg: Config) -> str:
-    local = cfg.resolve(cfg.base.name_or_path)
-    if local.is_dir():
-        return str(local)
-    if cfg.base.kind == "tiny":
-        raise UserError(f"base.name_or_path: {local} does not exist; run `qa-lora base` first")
-    return cfg.base.name_or_path
 
 
 def _fingerprint(
