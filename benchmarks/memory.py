@@ -63,10 +63,11 @@ import torch, transformers, peft
 from pathlib import Path
 from tasks.config import load_config
 from tasks import export as ex
+from tasks.base import base_source
 args = json.loads(os.environ["BENCH_ARGS"])
 cfg = load_config(None, [tuple(o) for o in args["overrides"]])
 adapter = Path(args["adapter"])
-base_src = ex._base_source(cfg)
+base_src = base_source(cfg)
 tok = ex._load_tokenizer(cfg, base_src, adapter)
 enc = tok(["[INST] What is a list? [/INST]", "[INST] Why? [/INST]"], padding=True, return_tensors="pt")
 gen = ex._generation_config(cfg, tok)
