@@ -54,6 +54,7 @@ def run_dag(home: Path, conf: dict[str, object] | None = None) -> Path:
 
 def show(run_dir: Path, questions: int = 3) -> None:
     """Print where the artifacts are and a few answers from the champion through onnxruntime."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one line per file otherwise
     from tasks.config import load_config
     from tasks.register import fetch_champion
 
