@@ -48,6 +48,19 @@ _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".json", ".model", ".
 _USE_REGISTRY: Any = object()  # sentinel: ask the registry for the champion
 
 
+# The per-model numbers shown side by side (models.csv for `dvc plots`, and the report's table).
+TABLE_COLUMNS = (
+    "exact_match",
+    "token_f1",
+    "rouge_l",
+    "loss",
+    "perplexity",
+    "eos_rate",
+    "empty_rate",
+    "answer_words_mean",
+)
+
+
 def evaluate_candidate(cfg: Config, run_dir: Path, *, _champion: Any = _USE_REGISTRY) -> dict[str, Any]:
     """Score base, candidate and champion on the eval split and apply the regression gate.
 
@@ -623,16 +636,7 @@ def _slice_table(
 def _models_table(
     summary: Mapping[str, dict[str, float] | None], cis: Mapping[str, Any]
 ) -> list[dict[str, Any]]:
-    cols = (
-        "exact_match",
-        "token_f1",
-        "rouge_l",
-        "loss",
-        "perplexity",
-        "eos_rate",
-        "empty_rate",
-        "answer_words_mean",
-    )
+    cols = TABLE_COLUMNS
     out = []
     for model in MODELS:
         s = summary[model]
@@ -746,16 +750,7 @@ def _report(
     if gate["reasons"]:
         lines += ["Reasons:", ""] + [f"- {r}" for r in gate["reasons"]] + [""]
 
-    cols = [
-        "exact_match",
-        "token_f1",
-        "rouge_l",
-        "loss",
-        "perplexity",
-        "eos_rate",
-        "empty_rate",
-        "answer_words_mean",
-    ]
+    cols = TABLE_COLUMNS
     lines += ["## Models", "", "| model | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for m in models:
         s = summary[m]
