@@ -40,19 +40,38 @@ class NotMeasured(RuntimeError):
 
 
 def run(tmp: Path, quick: bool, device: str, shape: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Build the model and data, run the stage, the bare loop and TRL defaults, measure bf16 GEMMs."""
+    """Figure 7 on a GPU; raises NotMeasured anywhere else (a CPU number would answer nothing)."""
     import torch
-
-    from benchmarks import training
 
     if device != "cuda" or not torch.cuda.is_available():
         raise NotMeasured("no GPU on this machine (run `python -m benchmarks.run --device cuda` on one)")
+    return measure(tmp, quick, device, shape or LLAMA_1B)
+
+
+def measure(
+    tmp: Path,
+    quick: bool,
+    device: str,
+    shape: dict[str, Any],
+    batch: int = 16,
+    variant_batches: tuple[int, ...] = (8, 16, 32),
+    tiny_check: bool = True,
+) -> dict[str, Any]:
+    """Build the model and data, run the stage, the bare loop and TRL defaults, measure GEMMs.
+
+    `device="cpu"` with a small `shape` runs the same code end to end (a smoke test of this script
+    before it is spent on a GPU lease); its numbers mean nothing.
+    """
+    import torch
+
+    from benchmarks import training
+    from benchmarks.common import machine
+
+    gpu = device == "cuda"
     warmup, steps, blocks = (3, 12, 3) if quick else (5, 30, 3)
     naive_steps = 6 if quick else 15
-    batch = 8
-    shape = shape or LLAMA_1B
     t = time.perf_counter()
-    model_dir = _build_model(tmp / "llama-1b", shape)
+    model_dir = _build_model(tmp / "llama-1b", shape, device)
     build_s = time.perf_counter() - t
     run_dir = tmp / "runs" / "gpu-bench"
     _write_long_split(run_dir, rows=(warmup + steps) * batch * 2)
@@ -61,7 +80,7 @@ def run(tmp: Path, quick: bool, device: str, shape: dict[str, Any] | None = None
         [
             ("base.name_or_path", str(model_dir)),
             ("base.kind", "hub"),
-            ("runtime.device", "cuda"),
+            ("runtime.device", device),
             ("train.max_steps", warmup + steps),
             ("train.per_device_train_batch_size", batch),
             ("train.max_length", 512),
@@ -72,21 +91,29 @@ def run(tmp: Path, quick: bool, device: str, shape: dict[str, Any] | None = None
             ("lora.alpha", 32),
         ],
     )
-    gemm = gemm_flops("cuda", "bfloat16", [4096, 8192], seconds=2.0)
+    dtype = "bfloat16" if gpu else "float32"
+    gemm = gemm_flops(device, dtype, [4096, 8192] if gpu else [256, 512], seconds=2.0 if gpu else 0.3)
     stage = training._measure_stage(cfg, run_dir, warmup, blocks, attn="sdpa")
     batches = stage.pop("batches")
     naive = training._measure_naive(cfg, run_dir, batch, batches, "sdpa", 2, naive_steps, blocks)
     flops = training._flops_per_token(cfg, stage["trainer"]["mean_seq_len"])
+    variants = _variants(cfg, batches, variant_batches, quick)
     best = max(g["flops"] for g in gemm.values())
     s_rate, s_probe = stage["trainer"]["tokens_per_s"], stage["paired_bare"]["tokens_per_s"]
     n_rate = naive["trainer"]["tokens_per_s"]
+    for v in variants:
+        if "tokens_per_s" in v:
+            v["mfu"] = ratio(v["tokens_per_s"] * flops["lora"], best)
     return {
-        "gpu": torch.cuda.get_device_name(0),
+        "machine": machine(),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(time.time() - time.perf_counter() + t)),
+        "gpu": torch.cuda.get_device_name(0) if gpu else "none (CPU smoke run)",
         "hip": torch.version.hip,
         "cuda": torch.version.cuda,
         "model": {**shape, "params": flops["N_params"]},
+        "batch_size": batch,
         "build_s": round(build_s, 1),
-        "gemm_bf16": gemm,
+        "gemm": {"dtype": dtype, **gemm},
         "flops_per_token": flops,
         "stage_tokens_per_s": s_rate,
         "bare_tokens_per_s": s_probe,
@@ -100,12 +127,96 @@ def run(tmp: Path, quick: bool, device: str, shape: dict[str, Any] | None = None
         "naive_mfu": ratio(n_rate * flops["lora"], best),
         "stage": stage,
         "naive": naive,
-        "peak_gpu_memory_bytes": torch.cuda.max_memory_allocated(),
+        "variants": variants,
+        "peak_gpu_memory_bytes": torch.cuda.max_memory_allocated() if gpu else None,
+        "tiny_check": _guarded(_tiny_check, tmp, device, quick) if tiny_check else None,
         "load": loadavg(),
     }
 
 
-def _build_model(out: Path, shape: dict[str, Any]) -> Path:
+def _variants(
+    cfg: Any, batches: list[dict[str, Any]], sizes: tuple[int, ...], quick: bool
+) -> list[dict[str, Any]]:
+    """The bare loop over the stage's sequences, length-grouped, at several batch sizes.
+
+    What batching alone does to tokens/s on this GPU (the stage's batch is one of them). A size that
+    does not fit in memory is reported as such, not skipped silently.
+    """
+    import torch
+
+    from benchmarks import training
+
+    on_gpu = cfg.runtime.device == "cuda"
+    out = []
+    for size in sizes:
+        try:
+            rows = training._batch_variants(
+                cfg, batches, "sdpa", quick, variants=((f"length-grouped, batch {size}", size, True),)
+            )
+            out.extend(rows)
+        except Exception as exc:  # out of memory above all: report it, keep the other sizes
+            error = f"{type(exc).__name__}: {exc}"[:300]
+            out.append({"variant": f"length-grouped, batch {size}", "batch": size, "error": error})
+        finally:
+            if on_gpu:
+                torch.cuda.empty_cache()
+    return out
+
+
+def _guarded(fn: Any, *args: Any) -> Any:
+    """A failing side check is recorded with its trace; the figure's numbers are kept."""
+    import traceback
+
+    try:
+        return fn(*args)
+    except Exception as exc:
+        return {"error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()[-3000:]}
+
+
+def _tiny_check(tmp: Path, device: str, quick: bool) -> dict[str, Any]:
+    """The train and evaluate stages on the bundled data and the tiny base, in bf16 and in fp32.
+
+    A real training check of the GPU path (the device plan, bf16 autocast, the evaluate stage's
+    generation on the GPU): the two precisions should land on about the same eval loss and F1.
+    """
+    from benchmarks.common import write_split
+    from tasks.evaluate import evaluate_candidate
+    from tasks.train import train_adapter
+
+    out: dict[str, Any] = {}
+    for precision in ("bf16", "fp32"):
+        run_dir = tmp / "runs" / f"tiny-{precision}"
+        write_split(run_dir, max_eval=64)
+        overrides: list[tuple[str, Any]] = [
+            ("runtime.device", device),
+            ("train.precision", precision),
+            ("train.save_steps", 10_000),
+        ]
+        if quick or device != "cuda":
+            overrides += [("train.max_steps", 20), ("eval.max_rows", 16), ("eval.max_new_tokens", 16)]
+        cfg = bench_config(tmp / precision, overrides)
+        t = time.perf_counter()
+        train = train_adapter(cfg, run_dir)
+        train_s = time.perf_counter() - t
+        summary = json.loads(Path(train["summary"]).read_text())
+        t = time.perf_counter()
+        gate = evaluate_candidate(cfg, run_dir, _champion=None)
+        out[precision] = {
+            "precision_used": summary.get("precision"),
+            "steps": summary.get("global_step", summary.get("steps")),
+            "train_s": round(train_s, 1),
+            "tokens_per_s": summary.get("tokens_per_second"),
+            "eval_loss_before": summary.get("eval_loss_before"),
+            "eval_loss_after": summary.get("eval_loss_after"),
+            "evaluate_s": round(time.perf_counter() - t, 1),
+            "gate_passed": gate["passed"],
+            "candidate": gate["candidate"],
+            "base": gate["base"],
+        }
+    return out
+
+
+def _build_model(out: Path, shape: dict[str, Any], device: str) -> Path:
     """Random weights from a config, saved in bf16 with the tiny base's tokenizer."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
@@ -120,7 +231,6 @@ def _build_model(out: Path, shape: dict[str, Any]) -> Path:
         pad_token_id=tok.pad_token_id,
     )
     torch.manual_seed(0)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     with torch.device(device):
         model = LlamaForCausalLM(config).to(torch.bfloat16)
     model.save_pretrained(out)

@@ -162,14 +162,31 @@ def render_table(results: dict[str, Any]) -> str:
             )
     g = figs.get("gpu", {})
     if g.get("status") == "measured":
+        gm = g.get("machine") or {}
+        variants = [v for v in g.get("variants") or [] if v.get("mfu") is not None]
+        best = max(variants, key=lambda v: v["mfu"], default=None)
+        detail = (
+            f"{g['gpu']} (torch {(gm.get('versions') or {}).get('torch', '?')}, measured {g.get('started', '?')}), "
+            f"batch {g.get('batch_size', '?')}: {g['stage_tokens_per_s']:.0f} tok/s; "
+            f"stage {_x(g['stage_vs_naive'])} TRL defaults, {_x(g['stage_vs_bare'])} bare; "
+            f"6N convention {_pct(g.get('stage_mfu_6n'))}; bare loop {_pct(g.get('bare_mfu'))}"
+        )
+        if best is not None:
+            detail += f"; best bare variant batch {best['batch']}: {_pct(best['mfu'])}"
+        tiny = g.get("tiny_check") or {}
+        if tiny.get("bf16") and tiny.get("fp32"):
+            b, f32 = tiny["bf16"], tiny["fp32"]
+            detail += (
+                f"; tiny base on bundled data, eval loss bf16 {b['eval_loss_after']:.3f} vs fp32 "
+                f"{f32['eval_loss_after']:.3f}"
+            )
         rows.append(
             (
                 "7. GPU LoRA MFU (bf16, 1.1B Llama)",
                 _pct(g["stage_mfu"]),
                 ">= 35%",
                 _met(_cmp(g["stage_mfu"], ">=", 0.35)),
-                f"{g['gpu']}: {g['stage_tokens_per_s']:.0f} tok/s, {_x(g['stage_vs_naive'])} TRL defaults, "
-                f"{_x(g['stage_vs_bare'])} bare",
+                detail,
             )
         )
     else:

@@ -11,7 +11,8 @@ Figures (every one a ratio measured in this run; see benchmarks/RESULTS.md):
   gpu        7. LoRA tokens/s and MFU on a >= 1B Llama in bf16 (only with --device cuda)
 
 Writes benchmarks/results.json (merged per figure, so `--only` updates one figure) and the table in
-benchmarks/RESULTS.md between its markers.
+benchmarks/RESULTS.md between its markers. The GPU figure is measured on a GPU node
+(`--device cuda`) and brought back with `--import-from THAT/results.json`.
 """
 
 from __future__ import annotations
@@ -45,7 +46,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", action="append", choices=ALL, help="run only this figure (repeatable)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="cuda: figure 7 (GPU)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary work directory")
+    parser.add_argument(
+        "--import-from",
+        metavar="RESULTS_JSON",
+        type=Path,
+        help="copy the figures named by --only (default: gpu) from a results.json written on another "
+        "machine (a GPU node) into this one, and rewrite the table; runs nothing",
+    )
     args = parser.parse_args(argv)
+    if args.import_from is not None:
+        return _import(args.import_from, args.only or ["gpu"])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
     for noisy in ("qa_lora.train", "qa_lora.export", "qa_lora.evaluate", "httpx", "mlflow"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -133,6 +143,27 @@ def _run_figure(name: str, tmp: Path, args: argparse.Namespace, train_run_dir: P
 
         return gpu.run(tmp, args.quick, args.device)
     raise ValueError(name)
+
+
+def _import(path: Path, figures: list[str]) -> int:
+    """Merge figures measured elsewhere; each keeps the machine it was measured on (`machine`)."""
+    try:
+        other = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        print(f"error: {path}: cannot read a results.json ({exc})", file=sys.stderr)
+        return 2
+    results = _load_previous()
+    results.setdefault("figures", {})
+    for name in figures:
+        data = (other.get("figures") or {}).get(name)
+        if not data:
+            print(f"error: {path}: no figure {name!r} in it", file=sys.stderr)
+            return 2
+        data.setdefault("machine", other.get("machine"))
+        results["figures"][name] = data
+        print(f"imported figure {name} ({data.get('status')}) from {path}")
+    _write(results)
+    return 0
 
 
 def _load_previous() -> dict[str, Any]:

@@ -136,9 +136,11 @@ class _Bare:
     def step(self, batch: dict[str, Any]) -> float:
         import torch
 
+        device = next(iter(self.params)).device
+        inputs = {k: batch[k].to(device) for k in self.KEYS if k in batch}  # re-batched rows live on the CPU
         _sync(self.cfg)
         t = time.perf_counter()
-        out = self.model(**{k: batch[k] for k in self.KEYS if k in batch}, use_cache=False)
+        out = self.model(**inputs, use_cache=False)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(self.params, self.cfg.train.max_grad_norm)
         self.opt.step()
@@ -334,8 +336,22 @@ def _block_rates(
     }
 
 
-def _batch_variants(cfg: Any, batches: list[dict[str, Any]], attn: str, quick: bool) -> list[dict[str, Any]]:
-    """The bare loop over the stage's sequences re-batched: random order vs length-grouped, batch 16-64.
+CPU_VARIANTS = (
+    ("random order, batch 16", 16, False),
+    ("length-grouped, batch 16", 16, True),
+    ("length-grouped, batch 32", 32, True),
+    ("length-grouped, batch 64", 64, True),
+)
+
+
+def _batch_variants(
+    cfg: Any,
+    batches: list[dict[str, Any]],
+    attn: str,
+    quick: bool,
+    variants: tuple[tuple[str, int, bool], ...] = CPU_VARIANTS,
+) -> list[dict[str, Any]]:
+    """The bare loop over the stage's sequences re-batched: (name, batch size, length-grouped) each.
 
     Shows what bucketing and larger batches do to tokens/s (and so to MFU) on this machine.
     """
@@ -351,12 +367,7 @@ def _batch_variants(cfg: Any, batches: list[dict[str, Any]], attn: str, quick: b
     pool = [seqs[i] for i in order][: 128 if quick else 192]
     bare = _Bare(cfg, attn)
     out = []
-    for name, size, grouped in (
-        ("random order, batch 16", 16, False),
-        ("length-grouped, batch 16", 16, True),
-        ("length-grouped, batch 32", 32, True),
-        ("length-grouped, batch 64", 64, True),
-    ):
+    for name, size, grouped in variants:
         items = sorted(pool, key=lambda s: -len(s[0])) if grouped else pool
         made = [_pad(items[i : i + size]) for i in range(0, len(items) - size + 1, size)]
         if grouped:  # shuffle the batches, not the rows inside them (the stage's sampler does so too)
