@@ -104,6 +104,10 @@ def measure(
     for v in variants:
         if "tokens_per_s" in v:
             v["mfu"] = ratio(v["tokens_per_s"] * flops["lora"], best)
+    steady = _steady_state(batches, stage["trainer_step_s"], stage["bare_step_s"], warmup)
+    rate = steady["trainer_tokens_per_s"]
+    steady["mfu"] = ratio(rate * flops["lora"], best) if rate else None
+    profile = _guarded(_profile_bare, cfg, batches)
     return {
         "machine": machine(),
         "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(time.time() - time.perf_counter() + t)),
@@ -128,6 +132,8 @@ def measure(
         "stage": stage,
         "naive": naive,
         "variants": variants,
+        "steady_state": steady,
+        "kernel_time": profile,
         "peak_gpu_memory_bytes": torch.cuda.max_memory_allocated() if gpu else None,
         "tiny_check": _guarded(_tiny_check, tmp, device, quick) if tiny_check else None,
         "load": loadavg(),
@@ -151,7 +157,12 @@ def _variants(
     for size in sizes:
         try:
             rows = training._batch_variants(
-                cfg, batches, "sdpa", quick, variants=((f"length-grouped, batch {size}", size, True),)
+                cfg,
+                batches,
+                "sdpa",
+                quick,
+                variants=((f"length-grouped, batch {size}", size, True),),
+                warm_all=on_gpu,
             )
             out.extend(rows)
         except Exception as exc:  # out of memory above all: report it, keep the other sizes
@@ -161,6 +172,75 @@ def _variants(
             if on_gpu:
                 torch.cuda.empty_cache()
     return out
+
+
+def _steady_state(
+    batches: list[dict[str, Any]], trainer_s: list[float], bare_s: list[float], warmup: int
+) -> dict[str, Any]:
+    """The measured steps whose batch shape the process had already run.
+
+    A GPU pays once per new (batch, length) shape (cuDNN attention plans, GEMM heuristics): on the
+    H100 a step with a new shape took about twice as long. The trainer always meets a shape first
+    (its bare twin runs right after, warm), so short runs charge that one-off cost to the stage. Over
+    a real run (every length seen in the first epoch) it amortises; this is the rate after it.
+    """
+    seen: set[tuple[int, ...]] = set()
+    toks = trainer_t = bare_t = 0.0
+    kept = 0
+    for i, (b, t, u) in enumerate(zip(batches, trainer_s, bare_s, strict=True)):
+        shape = tuple(b["input_ids"].shape)
+        if i >= warmup and shape in seen:
+            toks += int(b["attention_mask"].sum())
+            trainer_t += t
+            bare_t += u
+            kept += 1
+        seen.add(shape)
+    return {
+        "steps": kept,
+        "trainer_tokens_per_s": toks / trainer_t if trainer_t else None,
+        "bare_tokens_per_s": toks / bare_t if bare_t else None,
+        "stage_vs_bare": ratio(bare_t, trainer_t),
+    }
+
+
+def _profile_bare(cfg: Any, batches: list[dict[str, Any]], steps: int = 3) -> dict[str, Any]:
+    """GPU kernel time of bare steps by kind (GEMM, attention, the rest): what limits the MFU.
+
+    On a CPU (the smoke run) the same split is made of operator self times.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    from benchmarks import training
+
+    gpu = cfg.runtime.device == "cuda"
+
+    bare = training._Bare(cfg, "sdpa")
+    for b in batches[:2]:
+        bare.step(b)  # warm: shapes, allocator
+    chosen = batches[2 : 2 + steps]
+    activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if gpu else [])]
+    with profile(activities=activities) as prof:
+        wall = sum(bare.step(b) for b in chosen)
+    kinds: dict[str, float] = {}
+    for e in prof.key_averages():
+        own = e.self_device_time_total if gpu else e.self_cpu_time_total
+        if e.device_type.name != ("CUDA" if gpu else "CPU") or not own:
+            continue  # on a GPU, kernels only: operator rows would count the same time twice
+        name = e.key.lower()
+        if any(k in name for k in ("sdpa", "fmha", "flash", "attention", "attn")):
+            kind = "attention"
+        elif any(k in name for k in ("gemm", "nvjet", "cutlass", "xmma", "cijk_", "aten::mm", "aten::addmm")):
+            kind = "gemm"
+        else:
+            kind = "elementwise, norms, casts, loss, optimizer"
+        kinds[kind] = kinds.get(kind, 0.0) + own / 1e6  # us -> s
+    busy = sum(kinds.values())
+    return {
+        "steps": len(chosen),
+        "wall_s_per_step": wall / len(chosen),
+        "gpu_busy_s_per_step": busy / len(chosen),
+        "share": {k: round(v / busy, 3) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
+    }
 
 
 def _guarded(fn: Any, *args: Any) -> Any:

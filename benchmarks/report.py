@@ -173,6 +173,12 @@ def render_table(results: dict[str, Any]) -> str:
         )
         if best is not None:
             detail += f"; best bare variant batch {best['batch']}: {_pct(best['mfu'])}"
+        steady = g.get("steady_state") or {}
+        if steady.get("mfu") is not None:
+            detail += f"; stage on already-seen shapes ({steady['steps']} steps): {_pct(steady['mfu'])}"
+        share = (g.get("kernel_time") or {}).get("share")
+        if share:
+            detail += "; GPU time " + ", ".join(f"{k} {_pct(v)}" for k, v in share.items())
         tiny = g.get("tiny_check") or {}
         if tiny.get("bf16") and tiny.get("fp32"):
             b, f32 = tiny["bf16"], tiny["fp32"]

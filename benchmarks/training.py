@@ -280,6 +280,8 @@ def _measure_stage(cfg: Any, run_dir: Path, warmup: int, blocks: int, attn: str 
             paired.batches, paired.trainer_times, paired.batches, paired.bare_times, warmup
         ),
         "paired_ratio": ratio(sum(paired.bare_times[warmup:]), sum(paired.trainer_times[warmup:])),
+        "trainer_step_s": [round(x, 5) for x in paired.trainer_times],
+        "bare_step_s": [round(x, 5) for x in paired.bare_times],
         "steps": len(paired.trainer_times),
         "warmup_steps": warmup,
         "stage_wall_s": round(wall, 2),
@@ -350,10 +352,12 @@ def _batch_variants(
     attn: str,
     quick: bool,
     variants: tuple[tuple[str, int, bool], ...] = CPU_VARIANTS,
+    warm_all: bool = False,
 ) -> list[dict[str, Any]]:
     """The bare loop over the stage's sequences re-batched: (name, batch size, length-grouped) each.
 
     Shows what bucketing and larger batches do to tokens/s (and so to MFU) on this machine.
+    `warm_all`: one untimed pass over every batch first (a GPU pays once per new shape).
     """
     import torch
 
@@ -372,6 +376,9 @@ def _batch_variants(
         made = [_pad(items[i : i + size]) for i in range(0, len(items) - size + 1, size)]
         if grouped:  # shuffle the batches, not the rows inside them (the stage's sampler does so too)
             made = [made[i] for i in torch.randperm(len(made), generator=g).tolist()]
+        if warm_all:
+            for b in made:
+                bare.step(b)
         made = [made[0], *made]  # first step is warm-up
         times = [bare.step(b) for b in made]
         rates = _block_rates(made, times, warmup=1, blocks=1)
