@@ -62,6 +62,19 @@ def render_table(results: dict[str, Any]) -> str:
                 "each divided by the bare step run right after it",
             )
         )
+        w = f1.get("naive_walkthrough")
+        if w:
+            v = f1["stage_vs_walkthrough"]
+            rows.append(
+                (
+                    "1a'. same, naive port at the walkthrough's batch and LoRA",
+                    _x(v),
+                    ">= 15x",
+                    _met(_cmp(v, ">=", 15)),
+                    f"{f1['walkthrough_tokens_per_s']:.0f} tok/s at batch {w['batch_size']}, LoRA r={w['lora']['r']} "
+                    f"(params/llama2-7b-mi300x.yaml); {_pct(w['trainer']['pad_fraction'])} of its tokens are pad",
+                )
+            )
         v = f1["stage_vs_bare"]
         rows.append(
             (
