@@ -51,8 +51,10 @@ def _sh(cmd: list[str], cwd: Path, env: dict[str, str], timeout: int = 900) -> t
     return seconds, out
 
 
-def _overlay(tmp: Path) -> Path:
-    params = {"extends": str(REPO_ROOT / "params.yaml"), **SMALL}
+def _overlay(tmp: Path, small: bool = True) -> Path:
+    params: dict[str, Any] = {"extends": str(REPO_ROOT / "params.yaml"), **(SMALL if small else {})}
+    # cold evaluation: the checkout's score cache would let evaluate skip scoring the base model
+    params["eval"] = {**params.get("eval", {}), "cache_dir": None}
     params["data"] = {"dvc_remote": str(tmp / "dvc-remote")}
     params["register"] = {"tracking_uri": f"sqlite:///{tmp}/mlflow.db"}
     params["runtime"] = {"run_dir": str(tmp / "runs" / "cli")}
@@ -62,7 +64,13 @@ def _overlay(tmp: Path) -> Path:
 
 
 def run_airflow(tmp: Path, quick: bool) -> dict[str, Any]:
-    """`airflow dags test` wall vs the sum of the stages' own times."""
+    """`airflow dags test` wall vs the sum of the stages' own times.
+
+    The pipeline as shipped (params.yaml: the tiny base, 3 epochs, 200 eval rows), only its stores
+    moved to a temp dir: Airflow's cost is mostly fixed (process start, parse, per-task bookkeeping),
+    so the ratio depends on how long the stages run, and the shipped run is what users schedule.
+    `--quick` uses the small settings of the dvc figure instead. The fixed part is reported in seconds.
+    """
     home = tmp / "airflow-e2e"
     home.mkdir(parents=True, exist_ok=True)
     env = {
@@ -71,7 +79,7 @@ def run_airflow(tmp: Path, quick: bool) -> dict[str, Any]:
         "AIRFLOW_HOME": str(home / "airflow"),
         "AIRFLOW__CORE__DAGS_FOLDER": str(REPO_ROOT / "dags"),
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-        "QA_LORA_PARAMS": str(_overlay(home)),
+        "QA_LORA_PARAMS": str(_overlay(home, small=quick)),
         "QA_LORA_RUNS_ROOT": str(home / "runs"),
     }
     airflow = str(BIN / "airflow")
@@ -89,9 +97,10 @@ def run_airflow(tmp: Path, quick: bool) -> dict[str, Any]:
         "stage_seconds": stages,
         "stages_sum_s": round(total, 2),
         "wall_vs_stages": wall / total if total else None,
+        "outside_stages_s": round(wall - total, 2),
         "missing_stage_lines": missing,
         "db_migrate_s": round(migrate_s, 2),
-        "settings": SMALL,
+        "settings": SMALL if quick else "params.yaml as shipped (eval cache off)",
         "load": load,
         "load_end": loadavg(),
         "output_tail": out[-1500:] if missing else "",
