@@ -1,17 +1,21 @@
 """Figure 7 (`--device cuda`, also ROCm): LoRA tokens/s per GPU and MFU on a >= 1B Llama in bf16.
 
-Unattended, a few minutes on one GPU (about 10 GB of GPU memory, 4 GB of disk):
+Unattended, about 3 minutes on one GPU (about 45 GB of GPU memory at peak, 4 GB of disk):
 
 1. A Llama-architecture model (TinyLlama's shape: 22 layers, hidden 2048, GQA 32/4 heads, vocab
    32000; 1.1B parameters) with random weights built from its config on the GPU, saved in bf16 with
    the tiny base's tokenizer (its ids are a subset of the vocabulary). No download.
-2. A synthetic Q&A split with ~400-token answers (the shipped answers, concatenated) so that the GEMMs
-   are GPU-sized.
+2. A synthetic Q&A split with ~490-token rows (the shipped answers, concatenated, cut at 512) so
+   that the GEMMs are GPU-sized.
 3. The train stage unchanged (`runtime.device=cuda`; its device plan picks bf16, SDPA/flash attention
    and no gradient checkpointing when memory allows), each step paired with a bare PyTorch + PEFT step
-   on the same batch; then the naive port on TRL defaults (bf16 + gradient checkpointing + padding).
+   on the same batch; its rate over the steps on already-seen shapes (steady state); then the naive
+   port on TRL defaults (bf16 + gradient checkpointing + padding); the bare loop at other batch sizes;
+   a profiler split of a bare step's kernel time (GEMM, attention, the rest).
 4. torch.matmul bf16 FLOP/s on 4096^2 and 8192^2 matrices, in the same run: MFU = useful training
    FLOP/s (4*N_frozen + 6*N_lora + 12*L*d*T per token) / that.
+5. A real training check: the train and evaluate stages on the bundled data and the tiny base, in
+   bf16 and in fp32 on the GPU (eval loss and F1 should agree).
 """
 
 from __future__ import annotations
