@@ -72,6 +72,7 @@ def measure(
     from benchmarks.common import machine
 
     gpu = device == "cuda"
+    started = time.strftime("%Y-%m-%d %H:%M:%S")
     warmup, steps, blocks = (3, 12, 3) if quick else (5, 30, 3)
     naive_steps = 6 if quick else 15
     t = time.perf_counter()
@@ -114,7 +115,7 @@ def measure(
     profile = _guarded(_profile_bare, cfg, batches)
     return {
         "machine": machine(),
-        "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(time.time() - time.perf_counter() + t)),
+        "started": started,
         "gpu": torch.cuda.get_device_name(0) if gpu else "none (CPU smoke run)",
         "hip": torch.version.hip,
         "cuda": torch.version.cuda,
@@ -287,7 +288,7 @@ def _tiny_check(tmp: Path, device: str, quick: bool) -> dict[str, Any]:
         gate = evaluate_candidate(cfg, run_dir, _champion=None)
         out[precision] = {
             "precision_used": summary.get("precision"),
-            "steps": summary.get("global_step", summary.get("steps")),
+            "steps": summary.get("steps"),
             "train_s": round(train_s, 1),
             "tokens_per_s": summary.get("tokens_per_second"),
             "eval_loss_before": summary.get("eval_loss_before"),

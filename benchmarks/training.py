@@ -146,6 +146,7 @@ class _Bare:
         self.model = _peft_model(cfg, attn)
         self.model.train()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.device = self.params[0].device
         self.opt = torch.optim.AdamW(
             self.params, lr=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay
         )
@@ -153,8 +154,9 @@ class _Bare:
     def step(self, batch: dict[str, Any]) -> float:
         import torch
 
-        device = next(iter(self.params)).device
-        inputs = {k: batch[k].to(device) for k in self.KEYS if k in batch}  # re-batched rows live on the CPU
+        inputs = {
+            k: batch[k].to(self.device) for k in self.KEYS if k in batch
+        }  # re-batched rows live on the CPU
         _sync(self.cfg)
         t = time.perf_counter()
         out = self.model(**inputs, use_cache=False)
