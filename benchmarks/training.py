@@ -41,6 +41,7 @@ from typing import Any
 
 from benchmarks.common import bench_config, gemm_flops, loadavg, median, ratio, write_split
 from tasks.config import REPO_ROOT, load_config
+from tasks.train import _lora_config
 
 log = logging.getLogger("qa_lora.bench")
 
@@ -181,7 +182,7 @@ def _sync(cfg: Any) -> None:
 
 def _peft_model(cfg: Any, attn: str) -> Any:
     import torch
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
     gpu = _on_gpu(cfg)
@@ -192,16 +193,8 @@ def _peft_model(cfg: Any, attn: str) -> Any:
         device_map={"": 0} if gpu else None,
     )
     model.config.use_cache = False
-    lora = LoraConfig(
-        r=cfg.lora.r,
-        lora_alpha=cfg.lora.alpha,
-        lora_dropout=cfg.lora.dropout,
-        target_modules=list(cfg.lora.target_modules),
-        bias=cfg.lora.bias,
-        task_type="CAUSAL_LM",
-    )
     torch.manual_seed(cfg.train.seed)
-    return get_peft_model(model, lora)
+    return get_peft_model(model, _lora_config(cfg.lora))
 
 
 class _Paired:
@@ -438,7 +431,6 @@ def _measure_naive(
     """
     lora = lora or cfg.lora
     from datasets import Dataset
-    from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
@@ -473,13 +465,7 @@ def _measure_naive(
         args=args,
         train_dataset=data,
         processing_class=tokenizer,
-        peft_config=LoraConfig(
-            r=lora.r,
-            lora_alpha=lora.alpha,
-            lora_dropout=lora.dropout,
-            target_modules=list(lora.target_modules),
-            task_type="CAUSAL_LM",
-        ),
+        peft_config=_lora_config(lora),
         callbacks=[Timer()],
     )
     try:

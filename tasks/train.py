@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.artifacts import atomic_dir, read_json, write_json_atomic, write_text_atomic
-from tasks.config import Config
+from tasks.config import Config, LoraSection
 from tasks.dataio import read_split
 from tasks.errors import UserError
 from tasks.prompting import format_completion, format_prompt
@@ -615,6 +615,21 @@ def _sft_config(cfg: Config, plan: Any, ckpt_dir: Path, world: int, cpu_count: i
     )
 
 
+def _lora_config(lora: LoraSection) -> Any:
+    """The `lora:` params as a PEFT LoraConfig for a causal LM (the one translation; the benchmarks and
+    the reference-preset test build their adapters with it too)."""
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules="all-linear" if lora.target_modules == ("all-linear",) else list(lora.target_modules),
+        bias=lora.bias,
+        task_type="CAUSAL_LM",
+    )
+
+
 def _trainer_class() -> type:
     from transformers import Trainer
     from trl import SFTTrainer
@@ -815,7 +830,7 @@ def _train_process(
     state = _read_state(ckpt_dir)
 
     import torch
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
 
     from tasks.device import detect_capabilities, estimate_train_bytes, plan_device
 
@@ -857,16 +872,7 @@ def _train_process(
     model = _load_model(cfg, base, plan)
     model.config.pad_token_id = tokenizer.pad_token_id
     model.config.use_cache = False  # no KV cache while training
-    lora = LoraConfig(
-        r=cfg.lora.r,
-        lora_alpha=cfg.lora.alpha,
-        lora_dropout=cfg.lora.dropout,
-        target_modules="all-linear"
-        if cfg.lora.target_modules == ("all-linear",)
-        else list(cfg.lora.target_modules),
-        bias=cfg.lora.bias,
-        task_type="CAUSAL_LM",
-    )
+    lora = _lora_config(cfg.lora)
     torch.manual_seed(t.seed)  # LoRA A init: the same adapter start for every attempt and process
     model = get_peft_model(model, lora)
     trainable, total = model.get_nb_trainable_parameters()
