@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from tasks.config import REPO_ROOT, Config, load_config
+from tasks.core.config import REPO_ROOT, Config, load_config
 
 BENCH_DIR = Path(__file__).resolve().parent
 PYTHON = sys.executable

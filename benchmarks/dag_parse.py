@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import loadavg, median, run_python
-from tasks.config import REPO_ROOT
+from tasks.core.config import REPO_ROOT
 
 HEAVY = ("torch", "transformers", "peft", "trl", "datasets", "great_expectations", "mlflow", "dvc", "onnx")
 

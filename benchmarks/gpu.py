@@ -265,8 +265,8 @@ def _tiny_check(tmp: Path, device: str, quick: bool) -> dict[str, Any]:
     generation on the GPU): the two precisions should land on about the same eval loss and F1.
     """
     from benchmarks.common import write_split
-    from tasks.evaluate import evaluate_candidate
-    from tasks.train import train_adapter
+    from tasks.stages.evaluate import evaluate_candidate
+    from tasks.stages.train import train_adapter
 
     out: dict[str, Any] = {}
     for precision in ("bf16", "fp32"):
@@ -306,7 +306,7 @@ def _build_model(out: Path, shape: dict[str, Any], device: str) -> Path:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from tasks.config import REPO_ROOT
+    from tasks.core.config import REPO_ROOT
 
     tok = AutoTokenizer.from_pretrained(str(REPO_ROOT / "models" / "tiny-base"))
     config = LlamaConfig(
@@ -328,7 +328,7 @@ def _build_model(out: Path, shape: dict[str, Any], device: str) -> Path:
 
 def _write_long_split(run_dir: Path, rows: int) -> None:
     """Q&A rows with ~400-token answers: shipped answers concatenated (GPU-sized sequences)."""
-    from tasks.config import REPO_ROOT
+    from tasks.core.config import REPO_ROOT
 
     source = [json.loads(line) for line in (REPO_ROOT / "data" / "qa.jsonl").read_text().splitlines() if line]
     data = run_dir / "data"

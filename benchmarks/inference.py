@@ -1,6 +1,6 @@
 """Figure 3: ONNX Runtime generation with the KV cache vs PyTorch eager `generate` on the merged model.
 
-The export stage (`tasks.export.export_model`) merges the adapter trained by the training figure and
+The export stage (`tasks.stages.export.export_model`) merges the adapter trained by the training figure and
 writes the ONNX decoder; both sides then greedy-decode the same templated eval prompts, text in and
 text out (tokenize, generate, decode), at batch 1 (one prompt at a time) and batch 8 (left-padded).
 Tokens/s counts new tokens up to and including EOS; both sides are greedy on the same weights, so
@@ -22,9 +22,9 @@ def run(tmp: Path, quick: bool, run_dir: Path | None = None) -> dict[str, Any]:
     """Export the trained run (training a short one first when none is given), then time both."""
     import torch
 
-    from tasks.export import export_model
-    from tasks.onnx_generate import load_onnx_generator
-    from tasks.prompting import format_prompt
+    from tasks.plumbing.onnx_generate import load_onnx_generator
+    from tasks.plumbing.prompting import format_prompt
+    from tasks.stages.export import export_model
 
     overrides: list[tuple[str, Any]] = [
         ("export.parity_prompts", 4),
@@ -34,7 +34,7 @@ def run(tmp: Path, quick: bool, run_dir: Path | None = None) -> dict[str, Any]:
         ("runtime.device", "cpu"),
     ]
     if run_dir is None or not (run_dir / "train" / "adapter").is_dir():
-        from tasks.train import train_adapter
+        from tasks.stages.train import train_adapter
 
         run_dir = tmp / "runs" / "infer-bench"
         write_split(run_dir)

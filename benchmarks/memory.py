@@ -3,10 +3,10 @@
 Each measurement runs in a fresh interpreter: import the libraries the step needs, read the resident
 set (the baseline), run the step, read the peak (VmHWM, reset after the imports). Reported: (peak - baseline) / model bytes.
 
-* train: `tasks.train.train_adapter` on the tiny base (a few steps). The tiny model is 10 MB, so this
+* train: `tasks.stages.train.train_adapter` on the tiny base (a few steps). The tiny model is 10 MB, so this
   ratio is dominated by fixed costs (tokenized datasets, optimizer, MLflow, allocator) and says little
   about copies of the weights.
-* merge: the export stage's own merge (`tasks.export._merge`: fp32 base + adapter ->
+* merge: the export stage's own merge (`tasks.stages.export._merge`: fp32 base + adapter ->
   merge_and_unload, with its parity generation) on the tiny base and on a larger random-weight Llama
   (~90M parameters, ~350 MB in fp32) with a random non-zero adapter, where the ratio shows how many
   copies of the weights the merge holds.
@@ -44,14 +44,14 @@ _TRAIN = (
     _PRELUDE
     + r"""
 import torch, transformers, peft, trl, datasets, mlflow, accelerate
-from tasks.config import load_config
-import tasks.train, tasks.device, tasks.tracking
+from tasks.core.config import load_config
+import tasks.stages.train, tasks.plumbing.device, tasks.plumbing.tracking
 args = json.loads(os.environ["BENCH_ARGS"])
 cfg = load_config(None, [tuple(o) for o in args["overrides"]])
 base_rss = rss()
 reset_peak()
 from pathlib import Path
-tasks.train.train_adapter(cfg, Path(args["run_dir"]))
+tasks.stages.train.train_adapter(cfg, Path(args["run_dir"]))
 print(json.dumps({"baseline_rss": base_rss, "peak_rss": peak()}))
 """
 )
@@ -61,13 +61,13 @@ _MERGE = (
     + r"""
 import torch, transformers, peft
 from pathlib import Path
-from tasks.config import load_config
-from tasks import export as ex
-from tasks.base import base_source
+from tasks.core.config import load_config
+from tasks.stages.export import stage as ex
+from tasks.plumbing.loading import resolve_base
 args = json.loads(os.environ["BENCH_ARGS"])
 cfg = load_config(None, [tuple(o) for o in args["overrides"]])
 adapter = Path(args["adapter"])
-base_src = base_source(cfg)
+base_src = resolve_base(cfg).ref
 tok = ex._load_tokenizer(cfg, base_src, adapter)
 enc = tok(["[INST] What is a list? [/INST]", "[INST] Why? [/INST]"], padding=True, return_tensors="pt")
 gen = ex._generation_config(cfg, tok)

@@ -3,7 +3,7 @@
 * airflow: `airflow dags test qa_lora_finetune` in a throwaway AIRFLOW_HOME, with QA_LORA_PARAMS /
   QA_LORA_RUNS_ROOT pointing at a small params overlay and a temp runs root (as tests/e2e does).
   Wall time of that command vs the sum of its stages' own times (the "stage X: done in Y s" lines
-  that tasks.pipeline.run_stage logs inside each task). `airflow db migrate` is timed separately.
+  that tasks.runners.pipeline.run_stage logs inside each task). `airflow db migrate` is timed separately.
 * dvc: a temp git copy of the working tree (as tests/e2e/test_dvc_e2e.py makes one), a first full
   `dvc repro` on small settings, then `dvc repro` with nothing changed, repeated; median wall time.
 """
@@ -22,7 +22,7 @@ from typing import Any
 import yaml
 
 from benchmarks.common import QUIET_ENV, loadavg, median
-from tasks.config import REPO_ROOT
+from tasks.core.config import REPO_ROOT
 
 # Small but complete: every stage runs, the gate can pass (no slice gating on a few rows).
 SMALL = {

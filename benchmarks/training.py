@@ -2,7 +2,7 @@
 
 Trainings on the tiny base (the first three with the same LoRA, params.yaml `lora`, and batch size):
 
-* stage: `tasks.train.train_adapter` itself (TRL SFTTrainer with the device plan, length-grouped
+* stage: `tasks.stages.train.train_adapter` itself (TRL SFTTrainer with the device plan, length-grouped
   sampler, prompt/completion data). Per-step times come from a callback added to the stage's own
   progress reporter, and its batches are recorded by a forward pre-hook, so nothing else changes.
 * bare: a plain PyTorch + PEFT step (forward, backward, clip, AdamW) on *the batch the stage just
@@ -40,8 +40,8 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import bench_config, gemm_flops, loadavg, median, ratio, write_split
-from tasks.config import REPO_ROOT, load_config
-from tasks.train import _lora_config
+from tasks.core.config import REPO_ROOT, load_config
+from tasks.stages.train.stage import _lora_config
 
 log = logging.getLogger("qa_lora.bench")
 
@@ -251,7 +251,7 @@ def _measure_stage(cfg: Any, run_dir: Path, warmup: int, blocks: int, attn: str 
 
     `attn` is the bare loop's attention; the stage's own choice is checked against it afterwards.
     """
-    import tasks.train as stage
+    import tasks.stages.train.stage as stage
 
     paired = _Paired(cfg, attn, None)
     original = stage._reporter

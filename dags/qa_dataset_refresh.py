@@ -12,7 +12,7 @@ from datetime import datetime, timedelta
 
 from airflow.sdk import dag, task
 
-from tasks import dag_support as ds
+from tasks.runners import airflow as ds
 
 CFG = ds.default_config()
 DATASET = ds.dataset_asset(CFG)

@@ -23,7 +23,7 @@ from datetime import datetime, timedelta
 from airflow.providers.standard.operators.hitl import ApprovalOperator
 from airflow.sdk import dag, get_current_context, task
 
-from tasks import dag_support as ds
+from tasks.runners import airflow as ds
 
 CFG = ds.default_config()
 STAGE_TIMEOUT = timedelta(minutes=CFG.orchestrate.stage_timeout_minutes)

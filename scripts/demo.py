@@ -55,8 +55,8 @@ def run_dag(home: Path, conf: dict[str, object] | None = None) -> Path:
 def show(run_dir: Path, questions: int = 3) -> None:
     """Print where the artifacts are and a few answers from the champion through onnxruntime."""
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one line per file otherwise
-    from tasks.config import load_config
-    from tasks.register import fetch_champion
+    from tasks.core.config import load_config
+    from tasks.stages.register import fetch_champion
 
     gate = json.loads((run_dir / "eval" / "gate.json").read_text())
     print(f"\nrun directory:   {run_dir}")
@@ -74,8 +74,8 @@ def show(run_dir: Path, questions: int = 3) -> None:
     if champion is None:
         print("no champion in the registry yet")
         return
-    from tasks.onnx_generate import load_onnx_generator
-    from tasks.prompting import format_prompt
+    from tasks.plumbing.onnx_generate import load_onnx_generator
+    from tasks.plumbing.prompting import format_prompt
 
     rows = [json.loads(line) for line in (run_dir / "data" / "eval.jsonl").read_text().splitlines()][
         :questions

@@ -34,8 +34,8 @@ def repo_root() -> Path:
 @pytest.fixture(scope="session")
 def tiny_base() -> Path:
     """The embedded tiny base model (params.yaml recipe), built once into models/tiny-base and reused."""
-    from tasks.base import build_base_model
-    from tasks.config import load_config
+    from tasks.core.config import load_config
+    from tasks.plumbing.base import build_base_model
 
     result = build_base_model(load_config())
     return Path(result["path"])

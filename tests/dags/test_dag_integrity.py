@@ -49,7 +49,7 @@ def test_stage_order(dagbag) -> None:
 
 
 def test_trigger_form_params(dagbag) -> None:
-    from tasks.config import load_config
+    from tasks.core.config import load_config
 
     params = dagbag.dags["qa_lora_finetune"].params
     cfg = load_config()

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from tasks import dag_support as ds
-from tasks.config import load_config, save_config
-from tasks.errors import UserError
+from tasks.core.config import load_config, save_config
+from tasks.core.errors import UserError
+from tasks.runners import airflow as ds
 
 
 def test_form_values_become_overrides() -> None:

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from tasks.config import Config, load_config
-from tasks.prompting import BOS, EOS, INST_CLOSE, INST_OPEN, PAD, UNK
+from tasks.core.config import Config, load_config
+from tasks.plumbing.prompting import BOS, EOS, INST_CLOSE, INST_OPEN, PAD, UNK
 
 _CORPUS = [
     "What is the capital of France? Paris is the capital of France.",

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from qa_factory import qa_rows, write_jsonl
 
-from tasks.dataio import load_dataset, normalize_question, resolve_source
-from tasks.errors import UserError
+from tasks.core.errors import UserError
+from tasks.plumbing.dataio import load_dataset, normalize_question, resolve_source
 
 
 def _load(path: Path, **kwargs: object) -> list[dict]:

@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 from qa_factory import qa_rows, write_jsonl
 
-from tasks.config import REPO_ROOT, Config
-from tasks.errors import UserError
-from tasks.validate import _near_duplicates, _shingles, _write_gx_project, validate_dataset
+from tasks.core.config import REPO_ROOT, Config
+from tasks.core.errors import UserError
+from tasks.stages.validate.stage import _near_duplicates, _shingles, _write_gx_project, validate_dataset
 
 LONG_Q = (
     "Explain in detail how the quick brown fox jumps over the lazy dog near the river bank "
@@ -216,7 +216,7 @@ def test_committed_gx_project_matches_the_code(tmp_path: Path) -> None:
     fresh = _write_gx_project(tmp_path)
     assert expectations(REPO_ROOT / "gx" / "expectations" / "qa_rows.json") == expectations(
         fresh / "expectations" / "qa_rows.json"
-    ), "gx/ is stale: regenerate it with tasks.validate._write_gx_project(REPO_ROOT)"
+    ), "gx/ is stale: regenerate it with tasks.stages.validate._write_gx_project(REPO_ROOT)"
     checkpoint = json.loads((REPO_ROOT / "gx" / "checkpoints" / "qa_rows.json").read_text())
     assert checkpoint["result_format"]["unexpected_index_column_names"] == ["line"]
 
@@ -249,7 +249,7 @@ def test_near_duplicates_match_brute_force() -> None:
 
 @pytest.mark.slow
 def test_bundled_dataset_passes_with_the_tiny_base(tmp_path: Path, tiny_base: Path) -> None:
-    from tasks.config import load_config
+    from tasks.core.config import load_config
 
     cfg = load_config(overrides=[("base.name_or_path", str(tiny_base))])
     result = validate_dataset(cfg, tmp_path / "run")

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-import tasks.version
-from tasks.config import REPO_ROOT, Config
-from tasks.errors import UserError
-from tasks.version import fetch_dataset, version_dataset
+import tasks.stages.version.stage
+from tasks.core.config import REPO_ROOT, Config
+from tasks.core.errors import UserError
+from tasks.stages.version import fetch_dataset, version_dataset
 
 _GIT = ["git", "-c", "user.name=qa-lora-test", "-c", "user.email=test@example.invalid"]
 
@@ -41,7 +41,7 @@ def _split(run_dir: Path, train: str, evals: str) -> Path:
 def origin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Version into a throwaway DVC repository instead of this checkout's cache."""
     repo = _dvc_git_repo(tmp_path / "origin")
-    monkeypatch.setattr(tasks.version, "REPO_ROOT", repo)
+    monkeypatch.setattr(tasks.stages.version.stage, "REPO_ROOT", repo)
     return repo
 
 

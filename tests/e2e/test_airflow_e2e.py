@@ -33,7 +33,7 @@ def _trigger(env: dict[str, str], conf: dict | None = None) -> tuple[str, dict[s
     (new,) = [r for r in _runs(env) if r["run_id"] not in before]
     states = _airflow(env, "tasks", "states-for-dag-run", DAG_ID, new["run_id"], "-o", "json")
     task_states = {t["task_id"]: t["state"] for t in _json_list(states.stdout)}
-    from tasks.dag_support import run_dir_for
+    from tasks.runners.airflow import run_dir_for
 
     run_dir = Path(env["QA_LORA_RUNS_ROOT"]) / run_dir_for(new["run_id"]).name
     return new["run_id"], task_states, run_dir

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from tasks.base import META_FILE, build_base_model, recipe_hash
-from tasks.config import load_config
-from tasks.errors import UserError
-from tasks.prompting import format_completion, format_prompt
+from tasks.core.config import load_config
+from tasks.core.errors import UserError
+from tasks.plumbing.base import META_FILE, build_base_model, recipe_hash
+from tasks.plumbing.prompting import format_completion, format_prompt
 
 # A recipe small enough to build in seconds: it exercises the whole path (corpus, tokenizer, training,
 # saving) without the default's minutes of pretraining.
@@ -34,7 +34,7 @@ def _cfg(path: Path, *extra: str):
 
 
 def _weights_hash(path: Path) -> str:
-    """Hash of the tensors as saved, computed here independently of tasks.base."""
+    """Hash of the tensors as saved, computed here independently of tasks.plumbing.base."""
     import hashlib
 
     from safetensors.torch import load_file

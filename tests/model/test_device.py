@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from tasks.device import ROCM_ENV, DeviceCaps, estimate_train_bytes, plan_device
-from tasks.errors import UserError
+from tasks.core.errors import UserError
+from tasks.plumbing.device import ROCM_ENV, DeviceCaps, estimate_train_bytes, plan_device
 
 GiB = 2**30
 
@@ -154,7 +154,7 @@ def test_sft_config_fields_come_from_the_plan(
     kind: str, world: int, distributed: str, expected: dict
 ) -> None:
     """TRL's defaults (bf16=True, gradient checkpointing on) never stand: every field is explicit."""
-    from tasks.train import _device_args
+    from tasks.stages.train.stage import _device_args
 
     args = _device_args(plan_device(_caps(kind)), world, distributed, cpu_count=16)
     for key, value in expected.items():
@@ -164,7 +164,7 @@ def test_sft_config_fields_come_from_the_plan(
 
 
 def test_fsdp_uses_its_own_activation_checkpointing() -> None:
-    from tasks.train import _device_args
+    from tasks.stages.train.stage import _device_args
 
     need = estimate_train_bytes(
         **{**LLAMA2_7B, "total_params": 70 * 10**9, "num_layers": 80, "hidden_size": 8192}, param_bytes=2

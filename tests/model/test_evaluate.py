@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
-from tasks.config import Config, load_config
-from tasks.errors import UserError
-from tasks.evaluate import evaluate_candidate
+from tasks.core.config import Config, load_config
+from tasks.core.errors import UserError
+from tasks.stages.evaluate import evaluate_candidate
 
 # Two categories whose answers follow a fixed pattern: a few dozen LoRA steps learn them, the
 # pretrained-only base cannot produce them.
@@ -58,7 +58,7 @@ def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
 
 def _train(tmp: Path, base: Path, name: str, train_rows: list, eval_rows: list, **train: Any) -> Path:
     """A LoRA adapter trained by the real train stage (TRL SFTTrainer) on a tiny budget."""
-    from tasks.train import train_adapter
+    from tasks.stages.train import train_adapter
 
     run_dir = tmp / name
     _write_jsonl(run_dir / "data" / "train.jsonl", train_rows)

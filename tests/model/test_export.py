@@ -14,10 +14,10 @@ from typing import Any
 
 import pytest
 
-from tasks.config import Config, load_config
-from tasks.errors import UserError
-from tasks.onnx_generate import choose_provider
-from tasks.prompting import format_completion, format_prompt
+from tasks.core.config import Config, load_config
+from tasks.core.errors import UserError
+from tasks.plumbing.onnx_generate import choose_provider
+from tasks.plumbing.prompting import format_completion, format_prompt
 
 QUESTIONS = [
     ("What does len() return?", "The number of items."),
@@ -66,7 +66,7 @@ def test_provider_override_and_unavailable() -> None:
 
 
 def test_memory_plan_refuses_and_places_merge() -> None:
-    from tasks.export import _plan_memory
+    from tasks.stages.export.stage import _plan_memory
 
     gib = 2**30
     n = 7_000_000_000  # 26 GiB of fp32 weights
@@ -83,7 +83,7 @@ def test_memory_plan_refuses_and_places_merge() -> None:
 def test_quantized_base_is_refused(tmp_path: Path) -> None:
     from transformers import LlamaConfig
 
-    from tasks.export import _load_base_config
+    from tasks.stages.export.stage import _load_base_config
 
     base = tmp_path / "gptq-base"
     LlamaConfig(
@@ -98,7 +98,7 @@ def test_quantized_base_is_refused(tmp_path: Path) -> None:
 
 
 def test_missing_inputs_are_user_errors(tmp_path: Path) -> None:
-    from tasks.export import export_model
+    from tasks.stages.export import export_model
 
     with pytest.raises(UserError, match=r"adapter_config\.json: not found; run `qa-lora train`"):
         export_model(load_config(), tmp_path)
@@ -125,7 +125,7 @@ def _fake_summary() -> dict[str, Any]:
 
 
 def test_model_card_states_lineage_metrics_gate_and_loading(tmp_path: Path) -> None:
-    from tasks.export import _render_model_card
+    from tasks.stages.export.stage import _render_model_card
 
     cfg = load_config()
     (tmp_path / "eval").mkdir()
@@ -152,7 +152,7 @@ def test_model_card_states_lineage_metrics_gate_and_loading(tmp_path: Path) -> N
 
 
 def test_model_card_states_missing_inputs(tmp_path: Path) -> None:
-    from tasks.export import _render_model_card
+    from tasks.stages.export.stage import _render_model_card
 
     card = _render_model_card(load_config(), tmp_path, _fake_summary())
     assert "Data version (DVC): not available" in card
@@ -208,7 +208,7 @@ def _cfg(base: Path, *extra: str) -> Config:
 
 @pytest.fixture(scope="module")
 def exported(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    from tasks.export import export_model
+    from tasks.stages.export import export_model
 
     run_dir = tmp_path_factory.mktemp("export-run")
     _make_run(run_dir, tiny_base)
@@ -247,7 +247,7 @@ def test_onnx_parity_with_kv_cache_on_a_padded_batch(exported: dict[str, Any]) -
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tasks.onnx_generate import load_onnx_generator
+    from tasks.plumbing.onnx_generate import load_onnx_generator
 
     result = exported["result"]
     summary = json.loads(Path(result["summary"]).read_text())
@@ -304,7 +304,7 @@ def test_export_artifacts_summary_and_card(exported: dict[str, Any]) -> None:
 
 @pytest.mark.slow
 def test_rerun_with_same_inputs_is_idempotent(exported: dict[str, Any]) -> None:
-    from tasks.export import export_model
+    from tasks.stages.export import export_model
 
     before = {
         p: p.stat().st_mtime_ns for p in Path(exported["result"]["export_dir"]).rglob("*") if p.is_file()
@@ -332,7 +332,7 @@ def test_parity_failure_fails_the_stage_and_leaves_no_export(
     """A graph corrupted after it is written (one weight tensor overwritten) must be caught by parity."""
     import numpy as np
 
-    import tasks.export as export_mod
+    import tasks.stages.export.stage as export_mod
 
     run_dir = tmp_path / "run"
     for part in ("data", "train"):
@@ -359,9 +359,9 @@ def test_failed_gate_exports_nothing(tmp_path: Path) -> None:
     """`qa-lora export` / `dvc repro` after a failed gate refuse, like the DAG's gate task."""
     import json
 
-    from tasks.config import load_config
-    from tasks.errors import UserError
-    from tasks.export import export_model
+    from tasks.core.config import load_config
+    from tasks.core.errors import UserError
+    from tasks.stages.export import export_model
 
     (tmp_path / "train" / "adapter").mkdir(parents=True)
     (tmp_path / "train" / "adapter" / "adapter_config.json").write_text("{}")

@@ -17,8 +17,8 @@ def test_llama2_7b_preset_trainable_parameters(repo_root: Path) -> None:
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from tasks.config import load_config
-    from tasks.train import _lora_config
+    from tasks.core.config import load_config
+    from tasks.stages.train.stage import _lora_config
 
     cfg = load_config(repo_root / "params" / "llama2-7b-mi300x.yaml")
     arch = json.loads((repo_root / "models" / "recipes" / "llama-2-7b-chat-hf.config.json").read_text())

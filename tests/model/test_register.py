@@ -19,14 +19,14 @@ from typing import Any
 
 import pytest
 
-from tasks.config import Config, load_config, save_config
-from tasks.errors import UserError
+from tasks.core.config import Config, load_config, save_config
+from tasks.core.errors import UserError
 
 
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A fresh SQLite registry URI, created once (schema migrations take seconds)."""
-    from tasks.tracking import setup_mlflow
+    from tasks.plumbing.tracking import setup_mlflow
 
     uri = f"sqlite:///{tmp_path_factory.mktemp('registry') / 'mlflow.db'}"
     setup_mlflow(_cfg(uri, "warmup"))
@@ -140,7 +140,7 @@ def _versions(name: str) -> list[Any]:
 
 
 def test_register_is_idempotent_and_records_lineage(cfg_for: Any, tmp_path: Path) -> None:
-    from tasks.register import register_model
+    from tasks.stages.register import register_model
 
     cfg = cfg_for()
     run = make_run(tmp_path)
@@ -166,7 +166,7 @@ def test_register_is_idempotent_and_records_lineage(cfg_for: Any, tmp_path: Path
 
 
 def test_failed_or_missing_gate_registers_nothing(cfg_for: Any, tmp_path: Path) -> None:
-    from tasks.register import register_model
+    from tasks.stages.register import register_model
 
     cfg = cfg_for()
     failed = make_run(tmp_path, "failed", passed=False)
@@ -193,7 +193,7 @@ def test_failed_or_missing_gate_registers_nothing(cfg_for: Any, tmp_path: Path) 
     ],
 )
 def test_incomplete_artifacts_are_refused(cfg_for: Any, tmp_path: Path, broken: str, named: str) -> None:
-    from tasks.register import register_model
+    from tasks.stages.register import register_model
 
     cfg = cfg_for()
     run = make_run(tmp_path)
@@ -204,7 +204,7 @@ def test_incomplete_artifacts_are_refused(cfg_for: Any, tmp_path: Path, broken: 
 
 
 def test_truncated_onnx_external_data_is_refused(cfg_for: Any, tmp_path: Path) -> None:
-    from tasks.register import register_model
+    from tasks.stages.register import register_model
 
     run = make_run(tmp_path)
     data = run / "export/onnx/model.onnx.data"
@@ -214,7 +214,7 @@ def test_truncated_onnx_external_data_is_refused(cfg_for: Any, tmp_path: Path) -
 
 
 def test_promotion_waits_for_approval_then_promote_by_version(cfg_for: Any, tmp_path: Path) -> None:
-    from tasks.register import promote_version, register_model
+    from tasks.stages.register import promote_version, register_model
 
     cfg = cfg_for(require_approval=True)
     reg = register_model(cfg, make_run(tmp_path))
@@ -240,7 +240,7 @@ def test_promotion_waits_for_approval_then_promote_by_version(cfg_for: Any, tmp_
 
 
 def test_dag_approval_path_promotes_run_with_check_and_set(cfg_for: Any, tmp_path: Path) -> None:
-    from tasks.register import promote_run, promote_version, register_model
+    from tasks.stages.register import promote_run, promote_version, register_model
 
     cfg = cfg_for(require_approval=True)
     with pytest.raises(UserError, match=r"registration\.json: missing"):
@@ -260,7 +260,7 @@ def test_dag_approval_path_promotes_run_with_check_and_set(cfg_for: Any, tmp_pat
 
 
 def test_champion_changed_since_gate_is_not_promoted(cfg_for: Any, tmp_path: Path) -> None:
-    from tasks.register import promote_version, register_model
+    from tasks.stages.register import promote_version, register_model
 
     cfg = cfg_for()
     v1 = register_model(cfg, make_run(tmp_path, "a"))["version"]
@@ -281,7 +281,7 @@ def test_champion_changed_since_gate_is_not_promoted(cfg_for: Any, tmp_path: Pat
 
 
 def test_concurrent_candidates_against_one_champion_promote_once(cfg_for: Any, tmp_path: Path) -> None:
-    from tasks.register import register_model
+    from tasks.stages.register import register_model
 
     cfg = cfg_for()
     v1 = register_model(cfg, make_run(tmp_path, "a"))["version"]
@@ -302,7 +302,7 @@ def test_concurrent_candidates_against_one_champion_promote_once(cfg_for: Any, t
 
 
 def test_rollback_restores_previous_and_sticks(cfg_for: Any, tmp_path: Path) -> None:
-    from tasks.register import register_model, rollback_champion
+    from tasks.stages.register import register_model, rollback_champion
 
     cfg = cfg_for()
     with pytest.raises(UserError, match="no champion"):
@@ -333,7 +333,7 @@ def test_rollback_restores_previous_and_sticks(cfg_for: Any, tmp_path: Path) -> 
 
 
 def test_fetch_champion_none_then_the_tree(cfg_for: Any, tmp_path: Path) -> None:
-    from tasks.register import fetch_champion, register_model
+    from tasks.stages.register import fetch_champion, register_model
 
     cfg = cfg_for()
     assert fetch_champion(cfg, tmp_path / "champ") is None  # no registered model at all
@@ -358,7 +358,7 @@ def test_fetch_champion_none_then_the_tree(cfg_for: Any, tmp_path: Path) -> None
 def test_models_uri_downloads_the_artifact_tree(cfg_for: Any, tmp_path: Path) -> None:
     from mlflow.artifacts import download_artifacts
 
-    from tasks.register import register_model
+    from tasks.stages.register import register_model
 
     cfg = cfg_for()
     register_model(cfg, make_run(tmp_path))
@@ -369,8 +369,8 @@ def test_models_uri_downloads_the_artifact_tree(cfg_for: Any, tmp_path: Path) ->
 
 
 def test_cli_promote_and_rollback(cfg_for: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from tasks.cli import main
-    from tasks.register import register_model
+    from tasks.runners.cli import main
+    from tasks.stages.register import register_model
 
     cfg = cfg_for(promote=False)
     v1 = register_model(cfg, make_run(tmp_path, "a"))["version"]
@@ -398,10 +398,10 @@ def test_champion_round_trip_generates_with_onnxruntime(
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tasks.export import export_model
-    from tasks.onnx_generate import load_onnx_generator
-    from tasks.prompting import format_prompt
-    from tasks.register import fetch_champion, register_model
+    from tasks.plumbing.onnx_generate import load_onnx_generator
+    from tasks.plumbing.prompting import format_prompt
+    from tasks.stages.export import export_model
+    from tasks.stages.register import fetch_champion, register_model
 
     run = make_run(tmp_path, "rt")  # reports and gate; adapter/export are replaced by real ones below
     for rel in ("train/adapter", "export"):

@@ -19,8 +19,8 @@ from typing import Any
 
 import pytest
 
-from tasks.config import REPO_ROOT, load_config
-from tasks.errors import UserError
+from tasks.core.config import REPO_ROOT, load_config
+from tasks.core.errors import UserError
 
 TRAIN_ROWS, EVAL_ROWS = 96, 32
 # 96 rows / global batch 8 = 12 steps = exactly one epoch: every row is seen once, so the tokens the
@@ -87,7 +87,7 @@ def _adapter_tensors(run_dir: Path) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def reference(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """One uninterrupted training; shared by the tests that compare against it."""
-    from tasks.train import train_adapter
+    from tasks.stages.train import train_adapter
 
     tmp = tmp_path_factory.mktemp("train-ref")
     run_dir = tmp / "run"
@@ -129,7 +129,7 @@ def test_short_training_lowers_eval_loss_and_writes_the_adapter(reference: dict[
 def test_summary_numbers_are_consistent(reference: dict[str, Any], tiny_base: Path) -> None:
     from transformers import AutoConfig, AutoTokenizer
 
-    from tasks.prompting import format_completion, format_prompt
+    from tasks.plumbing.prompting import format_completion, format_prompt
 
     s, cfg = reference["summary"], reference["cfg"]
     assert s["steps"] == s["max_steps"] == 12
@@ -170,7 +170,7 @@ def test_summary_numbers_are_consistent(reference: dict[str, Any], tiny_base: Pa
 def test_training_is_tracked_in_one_mlflow_run(reference: dict[str, Any]) -> None:
     import mlflow
 
-    from tasks.tracking import setup_mlflow
+    from tasks.plumbing.tracking import setup_mlflow
 
     setup_mlflow(reference["cfg"])
     client = mlflow.MlflowClient()
@@ -186,7 +186,7 @@ def test_training_is_tracked_in_one_mlflow_run(reference: dict[str, Any]) -> Non
 
 @pytest.mark.slow
 def test_rerun_of_a_finished_training_is_a_no_op(reference: dict[str, Any]) -> None:
-    from tasks.train import train_adapter
+    from tasks.stages.train import train_adapter
 
     summary_path = reference["run_dir"] / "train" / "train_summary.json"
     before = (summary_path.read_bytes(), summary_path.stat().st_mtime_ns)
@@ -202,7 +202,7 @@ def test_rerun_of_a_finished_training_is_a_no_op(reference: dict[str, Any]) -> N
 def test_resume_after_kill_continues_from_the_checkpoint(reference: dict[str, Any], tmp_path: Path) -> None:
     """SIGKILL the training after a checkpoint; the re-run resumes it (not from step 0) and ends where
     the uninterrupted reference ends."""
-    from tasks.train import _is_complete, train_adapter
+    from tasks.stages.train.stage import _is_complete, train_adapter
 
     run_dir = tmp_path / "run"
     _write_split(run_dir)
@@ -211,8 +211,8 @@ def test_resume_after_kill_continues_from_the_checkpoint(reference: dict[str, An
     # The worker SIGKILLs itself at the end of step 6, two steps after checkpoint-4: a deterministic
     # point for a real kill -9 (no Python cleanup runs), whatever the machine's speed.
     code = (
-        "import json, os, signal, sys; from pathlib import Path; import tasks.train as T\n"
-        "from tasks.config import load_config\n"
+        "import json, os, signal, sys; from pathlib import Path; import tasks.stages.train.stage as T\n"
+        "from tasks.core.config import load_config\n"
         "make = T._reporter\n"
         "def crashing(*a, **k):\n"
         "    r = make(*a, **k)\n"
@@ -270,7 +270,7 @@ def test_resume_after_kill_continues_from_the_checkpoint(reference: dict[str, An
 @pytest.mark.slow
 def test_two_cpu_processes_match_one(reference: dict[str, Any], tmp_path: Path) -> None:
     """DDP over gloo with half the per-device batch: the same global batches, the same losses."""
-    from tasks.train import train_adapter
+    from tasks.stages.train import train_adapter
 
     run_dir = tmp_path / "run"
     _write_split(run_dir)
@@ -306,7 +306,7 @@ def test_two_cpu_processes_match_one(reference: dict[str, Any], tmp_path: Path) 
 def test_bad_params_for_the_model_fail_before_training(
     tiny_base: Path, tmp_path: Path, override: str, message: str
 ) -> None:
-    from tasks.train import train_adapter
+    from tasks.stages.train import train_adapter
 
     _write_split(tmp_path)
     cfg = load_config(overrides=[*_overrides(tmp_path, tiny_base), override])
@@ -322,7 +322,7 @@ def test_out_of_range_params_are_refused_by_the_config(override: str) -> None:
 
 
 def test_missing_base_or_pickle_only_weights_fail_before_training(tmp_path: Path) -> None:
-    from tasks.train import train_adapter
+    from tasks.stages.train import train_adapter
 
     _write_split(tmp_path)
     missing = load_config(overrides=_overrides(tmp_path, tmp_path / "nope"))
@@ -340,7 +340,7 @@ def test_missing_base_or_pickle_only_weights_fail_before_training(tmp_path: Path
 
 
 def test_missing_split_is_a_user_error(tmp_path: Path) -> None:
-    from tasks.train import train_adapter
+    from tasks.stages.train import train_adapter
 
     with pytest.raises(UserError, match=r"train\.jsonl: split file not found"):
         train_adapter(load_config(overrides=_overrides(tmp_path, tmp_path)), tmp_path)
@@ -356,8 +356,14 @@ def test_collated_batch_masks_the_prompt_and_trains_one_eos(tiny_base: Path, tmp
     from transformers import AutoModelForCausalLM
     from trl import SFTTrainer
 
-    from tasks.device import plan_device
-    from tasks.train import _Base, _check_collation, _load_tokenizer, _prompt_completion, _sft_config
+    from tasks.plumbing.device import plan_device
+    from tasks.stages.train.stage import (
+        _Base,
+        _check_collation,
+        _load_tokenizer,
+        _prompt_completion,
+        _sft_config,
+    )
 
     cfg = load_config(overrides=_overrides(tmp_path, tiny_base))
     tok, note = _load_tokenizer(cfg, _Base(str(tiny_base), local=True))
@@ -370,7 +376,7 @@ def test_collated_batch_masks_the_prompt_and_trains_one_eos(tiny_base: Path, tmp
             "answer": "It joins them with the separator.",
         },
     ]
-    from tasks.device import DeviceCaps
+    from tasks.plumbing.device import DeviceCaps
 
     plan = plan_device(DeviceCaps(backend="cpu", torch_version=torch.__version__))
     args = _sft_config(cfg, plan, tmp_path / "ckpt", world=1, cpu_count=1)
@@ -396,7 +402,7 @@ def test_collated_batch_masks_the_prompt_and_trains_one_eos(tiny_base: Path, tmp
 
 
 def test_length_grouped_sampler_is_seeded_complete_and_process_invariant() -> None:
-    from tasks.train import _EpochSampler
+    from tasks.stages.train.stage import _EpochSampler
 
     rng = __import__("random").Random(0)
     lengths = [rng.randint(10, 200) for _ in range(1000)]
@@ -418,7 +424,7 @@ def test_length_grouped_sampler_is_seeded_complete_and_process_invariant() -> No
 
 
 def test_incomplete_checkpoints_are_not_resumed(tmp_path: Path) -> None:
-    from tasks.train import _is_complete, _latest_complete_checkpoint
+    from tasks.stages.train.stage import _is_complete, _latest_complete_checkpoint
 
     def checkpoint(step: int, files: tuple[str, ...], state: bool = True) -> Path:
         path = tmp_path / f"checkpoint-{step}"

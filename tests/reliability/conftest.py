@@ -241,7 +241,7 @@ else:
         original(self, *args, **kwargs)
         os.kill(os.getpid(), signal.SIGKILL)
     MlflowClient.create_model_version = create_model_version
-from tasks.cli import main
+from tasks.runners.cli import main
 sys.exit(main(sys.argv[2:]))
 """
 
@@ -281,8 +281,8 @@ def journey(make_home: Callable[[str], Home]) -> dict[str, Any]:
         assert done.returncode == 0, done.stderr[-3000:]
     # params snapshot, as the pipeline runner and the DAG write it
     done = home.python(
-        "import sys; from pathlib import Path; from tasks.config import load_config;"
-        "from tasks.pipeline import prepare_run;"
+        "import sys; from pathlib import Path; from tasks.core.config import load_config;"
+        "from tasks.runners.pipeline import prepare_run;"
         "prepare_run(load_config(sys.argv[1]), Path(sys.argv[2]))",
         str(home.params),
         str(run),
@@ -378,8 +378,8 @@ def registry_versions(home: Home, tracking_uri: str | None = None) -> dict[str, 
     code = """\
 import json, sys
 from pathlib import Path
-from tasks.config import load_config
-from tasks.tracking import setup_mlflow
+from tasks.core.config import load_config
+from tasks.plumbing.tracking import setup_mlflow
 from mlflow import MlflowClient
 cfg = load_config(sys.argv[1], [f"register.tracking_uri={sys.argv[2]}"] if len(sys.argv) > 2 else [])
 setup_mlflow(cfg)

@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 
-from tasks.cli import main
-from tasks.config import load_config
-from tasks.errors import UserError
+from tasks.core.config import load_config
+from tasks.core.errors import UserError
+from tasks.runners.cli import main
 
 WORDS = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliet"]
 
@@ -330,7 +330,7 @@ def test_symlink_out_of_the_data_root_is_refused(
 def test_trigger_form_refuses_out_of_bounds_values(field: str, value: Any) -> None:
     from airflow.sdk.definitions.param import ParamValidationError
 
-    from tasks.dag_support import trigger_params
+    from tasks.runners.airflow import trigger_params
 
     params = trigger_params(load_config())
     params[field].resolve(params[field].value)  # the default is accepted
@@ -351,7 +351,7 @@ def test_dag_start_refuses_bad_conf_that_bypasses_the_form(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, conf: dict[str, Any], expect: str
 ) -> None:
     """A run triggered through the API with params the form would refuse still stops in `prepare`."""
-    from tasks import dag_support
+    from tasks.runners import airflow as dag_support
 
     monkeypatch.setattr(dag_support, "RUNS_ROOT", tmp_path / "runs")
     with pytest.raises(UserError, match=expect.replace(".", r"\.")):

@@ -226,7 +226,7 @@ def test_dag_retries_the_stages_that_talk_to_remote_stores() -> None:
     """A store that is briefly unavailable is retried by Airflow (version, register, train)."""
     from airflow.dag_processing.dagbag import DagBag
 
-    from tasks.config import REPO_ROOT
+    from tasks.core.config import REPO_ROOT
 
     bag = DagBag(dag_folder=str(REPO_ROOT / "dags" / "qa_lora_finetune.py"))
     assert not bag.import_errors, bag.import_errors
@@ -241,9 +241,9 @@ def test_dag_retries_an_unavailable_store_but_not_a_user_error(tmp_path: Path) -
     """execute_stage lets StoreUnavailable through (Airflow retries it) and fails bad input at once."""
     from airflow.sdk.exceptions import AirflowFailException
 
-    from tasks import dag_support
-    from tasks.config import load_config, save_config
-    from tasks.errors import StoreUnavailable
+    from tasks.core.config import load_config, save_config
+    from tasks.core.errors import StoreUnavailable
+    from tasks.runners import airflow as dag_support
 
     blocker = tmp_path / "not-a-directory"
     blocker.write_text("x")

@@ -9,12 +9,16 @@ from pathlib import Path
 
 import pytest
 
-from tasks.cli import STAGES, build_parser, main
+from tasks.runners.cli import STAGES, build_parser, main
 
 
 def _run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "tasks.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=120
+        [sys.executable, "-m", "tasks.runners.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=120,
     )
 
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import pydantic
 import pytest
 
-from tasks.config import DEFAULT_PARAMS, Config, load_config, parse_override, save_config
-from tasks.errors import UserError
+from tasks.core.config import DEFAULT_PARAMS, Config, load_config, parse_override, save_config
+from tasks.core.errors import UserError
 
 STABLE_KEYS = [
     "data.source",
@@ -175,7 +175,7 @@ def test_project_root_follows_the_working_checkout(tmp_path: Path, repo_root: Pa
     import subprocess
     import sys
 
-    code = "from tasks.config import REPO_ROOT, DEFAULT_PARAMS; print(REPO_ROOT); print(DEFAULT_PARAMS)"
+    code = "from tasks.core.config import REPO_ROOT, DEFAULT_PARAMS; print(REPO_ROOT); print(DEFAULT_PARAMS)"
     env = {k: v for k, v in os.environ.items() if k != "QA_LORA_ROOT"}
     env["PYTHONPATH"] = str(repo_root)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tasks.metrics import (
+from tasks.stages.evaluate.metrics import (
     aggregate,
     bootstrap_ci,
     decide_gate,

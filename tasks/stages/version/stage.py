@@ -32,9 +32,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from tasks.artifacts import atomic_dir, write_json_atomic
-from tasks.config import REPO_ROOT, Config
-from tasks.errors import StoreUnavailable, UserError
+from tasks.core.artifacts import atomic_dir, write_json_atomic
+from tasks.core.config import REPO_ROOT, Config
+from tasks.core.errors import StoreUnavailable, UserError
 
 log = logging.getLogger("qa_lora.version")
 

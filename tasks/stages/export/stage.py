@@ -34,13 +34,13 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from tasks.artifacts import atomic_dir, read_json
-from tasks.base import base_source
-from tasks.config import Config
-from tasks.dataio import read_split
-from tasks.errors import UserError
-from tasks.onnx_generate import LAYOUT_FILE, LAYOUT_FORMAT, ProviderChoice, choose_provider
-from tasks.prompting import format_prompt
+from tasks.core.artifacts import atomic_dir, read_json
+from tasks.core.config import Config
+from tasks.core.errors import UserError
+from tasks.plumbing.dataio import read_split
+from tasks.plumbing.loading import resolve_base
+from tasks.plumbing.onnx_generate import LAYOUT_FILE, LAYOUT_FORMAT, ProviderChoice, choose_provider
+from tasks.plumbing.prompting import format_prompt
 
 log = logging.getLogger("qa_lora.export")
 
@@ -94,7 +94,7 @@ def export_model(cfg: Config, run_dir: Path) -> dict[str, Any]:
         reasons = "; ".join(gate.get("reasons") or []) or "see eval/gate.json"
         raise UserError(f"{run_dir / 'eval' / 'gate.json'}: the gate failed ({reasons}); nothing exported")
     questions = _parity_questions(eval_path, cfg.export.parity_prompts)
-    base_src = base_source(cfg)
+    base_src = resolve_base(cfg).ref
     fingerprint = _fingerprint(cfg, run_dir, base_src, adapter_dir, questions)
 
     final = run_dir / "export"
@@ -620,7 +620,7 @@ def _check_onnx_parity(
     """The exported graph, as a consumer loads it (tokenizer from onnx/), vs the PyTorch reference."""
     import numpy as np
 
-    from tasks.onnx_generate import OnnxGenerator
+    from tasks.plumbing.onnx_generate import OnnxGenerator
 
     gen = OnnxGenerator(onnx_dir, provider=choice.name)
     check_ids, check_mask = gen.encode(prompts)
@@ -654,7 +654,7 @@ def _export_variant(
     import numpy as np
     import onnx
 
-    from tasks.onnx_generate import OnnxGenerator
+    from tasks.plumbing.onnx_generate import OnnxGenerator
 
     src = onnx_dir / ONNX_GRAPH
     out = onnx_dir / name / ONNX_GRAPH
@@ -808,8 +808,8 @@ def _render_model_card(cfg: Config, run_dir: Path, summary: Mapping[str, Any]) -
         "```",
         "With ONNX Runtime (no torch needed; provider auto: MIGraphX, ROCm, CUDA, CPU):",
         "```python",
-        "from tasks.onnx_generate import load_onnx_generator",
-        "from tasks.prompting import format_prompt",
+        "from tasks.plumbing.onnx_generate import load_onnx_generator",
+        "from tasks.plumbing.prompting import format_prompt",
         'gen = load_onnx_generator("onnx")',
         'print(gen.generate([format_prompt("What does zip() return?")], max_new_tokens=64).texts[0])',
         "```",

@@ -31,13 +31,20 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from tasks.artifacts import atomic_dir, read_json, write_json_atomic
-from tasks.base import base_source
-from tasks.config import Config
-from tasks.dataio import read_split
-from tasks.errors import UserError
-from tasks.metrics import ROW_METRICS, aggregate, bootstrap_ci, decide_gate, metric_array, score_row
-from tasks.prompting import format_completion, format_prompt
+from tasks.core.artifacts import atomic_dir, read_json, write_json_atomic
+from tasks.core.config import Config
+from tasks.core.errors import UserError
+from tasks.plumbing.dataio import read_split
+from tasks.plumbing.loading import resolve_base
+from tasks.plumbing.prompting import format_completion, format_prompt
+from tasks.stages.evaluate.metrics import (
+    ROW_METRICS,
+    aggregate,
+    bootstrap_ci,
+    decide_gate,
+    metric_array,
+    score_row,
+)
 
 log = logging.getLogger("qa_lora.evaluate")
 
@@ -105,7 +112,7 @@ def evaluate_candidate(cfg: Config, run_dir: Path, *, _champion: Any = _USE_REGI
             )
 
         scorer = _Scorer(cfg, rows, cache_root)
-        base_src = base_source(cfg)
+        base_src = resolve_base(cfg).ref
         results: dict[str, list[dict[str, Any]] | None] = {}
         results["base"] = scorer.run("base", base_src, None, timings, cache_state)
         results["candidate"] = scorer.run("candidate", base_src, adapter_dir, timings, cache_state)
@@ -183,18 +190,18 @@ def _load_eval_rows(path: Path, max_rows: int) -> list[dict[str, str]]:
 def _fetch_champion(cfg: Config, dest: Path) -> dict[str, Any] | None:
     """The registry's champion (merged model fetched under `dest`), or None if there is none yet.
 
-    Goes through `tasks.register.fetch_champion`; until that module exists, there is no champion.
+    Goes through `tasks.stages.register.fetch_champion`; until that module exists, there is no champion.
     """
     try:
-        register = importlib.import_module("tasks.register")
+        register = importlib.import_module("tasks.stages.register")
     except ModuleNotFoundError as exc:
-        if exc.name != "tasks.register":
+        if exc.name != "tasks.stages.register":
             raise
         log.info("no registry module yet: evaluating without a champion")
         return None
     fetch = getattr(register, "fetch_champion", None)
     if fetch is None:
-        log.info("tasks.register has no fetch_champion yet: evaluating without a champion")
+        log.info("tasks.stages.register has no fetch_champion yet: evaluating without a champion")
         return None
     champion = fetch(cfg, dest)
     if champion is None:
@@ -232,7 +239,7 @@ class _Scorer:
 
     def _setup_device(self) -> tuple[str, str]:
         if self._device is None:
-            from tasks.device import detect_capabilities, plan_device
+            from tasks.plumbing.device import detect_capabilities, plan_device
 
             caps = detect_capabilities(self.cfg.runtime.device)
             plan = plan_device(caps, precision=self.cfg.train.precision)
@@ -611,7 +618,7 @@ def _slice_table(
     cfg: Config, results: Mapping[str, list[dict[str, Any]] | None], comps: Mapping[str, Any]
 ) -> list[dict[str, Any]]:
     """One entry per category: size, each model's primary metrics, the candidate's deltas and CIs."""
-    from tasks.metrics import slice_indices
+    from tasks.stages.evaluate.metrics import slice_indices
 
     metrics = list(dict.fromkeys([*cfg.eval.primary_metrics, cfg.gate.primary_metric]))
     cand = results["candidate"]

@@ -2,7 +2,7 @@
 
 `train.num_processes > 1` makes tasks/train.py call :func:`launch_training`, which saves the effective
 config into the run directory and starts `python -m torch.distributed.run --nproc_per_node N -m
-tasks.launch ...`. Each process runs the same training function; the Trainer (accelerate underneath)
+tasks.runners.launch ...`. Each process runs the same training function; the Trainer (accelerate underneath)
 sets up DDP (gloo on CPU, NCCL/RCCL on GPUs) or FSDP from the environment torchrun provides. Rank 0
 writes the outputs. No home-made process management: torchrun starts, watches and stops the workers.
 """
@@ -17,8 +17,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from tasks.config import PACKAGE_ROOT, REPO_ROOT, Config, save_config
-from tasks.errors import UserError
+from tasks.core.config import PACKAGE_ROOT, REPO_ROOT, Config, save_config
+from tasks.core.errors import UserError
 
 log = logging.getLogger("qa_lora.train")
 
@@ -46,7 +46,7 @@ def launch_training(cfg: Config, run_dir: Path) -> None:
         "--standalone",  # one node, a free rendezvous port picked by torchrun
         f"--nproc_per_node={n}",
         "-m",
-        "tasks.launch",
+        "tasks.runners.launch",
         "--params",
         str(params),
         "--run-dir",
@@ -68,14 +68,14 @@ def _has_gpu() -> bool:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of one worker process (started by torchrun)."""
-    parser = argparse.ArgumentParser(prog="python -m tasks.launch")
+    parser = argparse.ArgumentParser(prog="python -m tasks.runners.launch")
     parser.add_argument("--params", required=True)
     parser.add_argument("--run-dir", required=True)
     args = parser.parse_args(argv)
 
-    from tasks.cli import setup_logging
-    from tasks.config import load_config
-    from tasks.train import _train_process
+    from tasks.core.config import load_config
+    from tasks.core.logs import setup_logging
+    from tasks.stages.train.stage import _train_process
 
     try:
         cfg = load_config(args.params)

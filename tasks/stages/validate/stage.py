@@ -38,11 +38,11 @@ from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
-from tasks.artifacts import atomic_dir, write_json_atomic
-from tasks.config import REPO_ROOT, Config
-from tasks.dataio import LoadedData, describe_lines, load_dataset, normalize_question, resolve_source
-from tasks.errors import UserError
-from tasks.prompting import find_control_sequences, format_completion, format_prompt
+from tasks.core.artifacts import atomic_dir, write_json_atomic
+from tasks.core.config import REPO_ROOT, Config
+from tasks.core.errors import UserError
+from tasks.plumbing.dataio import LoadedData, describe_lines, load_dataset, normalize_question, resolve_source
+from tasks.plumbing.prompting import find_control_sequences, format_completion, format_prompt
 
 log = logging.getLogger("qa_lora.validate")
 

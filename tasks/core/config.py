@@ -19,9 +19,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from tasks.errors import UserError
+from tasks.core.errors import UserError
 
-PACKAGE_ROOT = Path(__file__).resolve().parent.parent  # the checkout that holds this code
+PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the checkout that holds this code
 
 
 def _project_root() -> Path:

@@ -43,10 +43,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from tasks.artifacts import atomic_dir, read_json, write_json_atomic
-from tasks.config import REPO_ROOT, Config
-from tasks.errors import UserError
-from tasks.tracking import resolve_tracking_uri, setup_mlflow
+from tasks.core.artifacts import atomic_dir, read_json, write_json_atomic
+from tasks.core.config import REPO_ROOT, Config
+from tasks.core.errors import UserError
+from tasks.plumbing.tracking import resolve_tracking_uri, setup_mlflow
 
 log = logging.getLogger("qa_lora.register")
 
@@ -439,7 +439,7 @@ def _check_tree_parts(adapter: Path, merged: Path, onnx_dir: Path) -> None:
 def _check_onnx_dir(onnx_dir: Path) -> None:
     """The export's generation kit is there (graph, layout, tokenizer); every graph (variants in
     subdirectories too) loads without its weights and every external-data file it names is there."""
-    from tasks.onnx_generate import LAYOUT_FILE
+    from tasks.plumbing.onnx_generate import LAYOUT_FILE
 
     graphs = sorted(onnx_dir.rglob("*.onnx")) if onnx_dir.is_dir() else []
     if not graphs:

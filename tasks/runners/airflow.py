@@ -14,8 +14,8 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from tasks.config import REPO_ROOT, Config, load_config
-from tasks.errors import StoreUnavailable, UserError
+from tasks.core.config import REPO_ROOT, Config, load_config
+from tasks.core.errors import StoreUnavailable, UserError
 
 log = logging.getLogger("qa_lora.dag")
 
@@ -190,7 +190,7 @@ def run_dir_for(run_id: str) -> Path:
 
 def start_run(params: dict[str, Any], run_id: str) -> dict[str, Any]:
     """The DAG's first task: effective config (params.yaml + trigger form), run dir, base model."""
-    from tasks.pipeline import prepare_run
+    from tasks.runners.pipeline import prepare_run
 
     cfg = load_config(PARAMS_FILE, overrides_from_params(params))
     return prepare_run(cfg, run_dir_for(run_id))
@@ -200,7 +200,7 @@ def execute_stage(name: str, run: dict[str, Any]) -> dict[str, Any]:
     """Run one stage for a prepared run; a user error fails the task without retries."""
     from airflow.sdk.exceptions import AirflowFailException
 
-    from tasks.pipeline import load_run_config, run_stage
+    from tasks.runners.pipeline import load_run_config, run_stage
 
     run_dir = Path(run["run_dir"])
     try:
@@ -215,10 +215,11 @@ def check_gate(run: dict[str, Any]) -> bool:
     """The gate task: True lets merge/export/register run; False skips them with the reasons logged."""
     from airflow.sdk.exceptions import AirflowFailException
 
-    from tasks.pipeline import gate_result, load_run_config
+    from tasks.core.layout import read_gate
+    from tasks.runners.pipeline import load_run_config
 
     run_dir = Path(run["run_dir"])
-    gate = gate_result(run_dir)
+    gate = read_gate(run_dir)
     for rule in gate.get("rules", []):
         log.info(
             "gate rule %-28s %s value=%s threshold=%s %s",
@@ -242,7 +243,7 @@ def check_gate(run: dict[str, Any]) -> bool:
 
 def approval_required(run: dict[str, Any]) -> bool:
     """True when a person must approve before the registered candidate becomes champion."""
-    from tasks.pipeline import load_run_config
+    from tasks.runners.pipeline import load_run_config
 
     cfg = load_run_config(Path(run["run_dir"]))
     needed = cfg.register.promote and cfg.register.require_approval
@@ -255,8 +256,8 @@ def promote_after_approval(run: dict[str, Any]) -> dict[str, Any]:
     """Promote this run's registered version after a person approved it (check-and-set in the registry)."""
     from airflow.sdk.exceptions import AirflowFailException
 
-    from tasks import register
-    from tasks.pipeline import load_run_config
+    from tasks.runners.pipeline import load_run_config
+    from tasks.stages import register
 
     run_dir = Path(run["run_dir"])
     try:

@@ -40,10 +40,10 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from tasks.artifacts import atomic_dir, read_json, write_json_atomic
-from tasks.config import Config, TinyBaseConfig
-from tasks.errors import UserError
-from tasks.prompting import BOS, EOS, INST_CLOSE, INST_OPEN, PAD, SYS_CLOSE, SYS_OPEN, UNK
+from tasks.core.artifacts import atomic_dir, read_json, write_json_atomic
+from tasks.core.config import Config, TinyBaseConfig
+from tasks.core.errors import UserError
+from tasks.plumbing.prompting import BOS, EOS, INST_CLOSE, INST_OPEN, PAD, SYS_CLOSE, SYS_OPEN, UNK
 
 log = logging.getLogger("qa_lora.base")
 
@@ -79,20 +79,6 @@ CHAT_TEMPLATE = (
     "{%- endif -%}"
     "{%- endfor -%}"
 )
-
-
-def base_source(cfg: Config) -> str:
-    """The base model as from_pretrained takes it: a local directory if there is one, else a hub id.
-
-    Raises:
-        UserError: the embedded tiny base (kind tiny) has not been built.
-    """
-    local = cfg.resolve(cfg.base.name_or_path)
-    if local.is_dir():
-        return str(local)
-    if cfg.base.kind == "tiny":
-        raise UserError(f"base.name_or_path: {local} does not exist; run `qa-lora base` first")
-    return cfg.base.name_or_path
 
 
 def build_base_model(cfg: Config) -> dict[str, Any]:

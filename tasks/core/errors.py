@@ -5,10 +5,6 @@ class UserError(Exception):
     """Bad input (config, flag, file, data): the message names what is wrong and what was expected."""
 
 
-class NotBuiltYet(UserError):
-    """A stage that a later issue builds; it says so instead of pretending."""
-
-
 class StoreUnavailable(UserError):
     """A tracking store, model registry or data remote could not be reached or written; names the URI.
 

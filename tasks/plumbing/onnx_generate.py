@@ -9,8 +9,8 @@ greedy tokens match PyTorch's.
 
 Needs only numpy, onnxruntime and a tokenizer (no torch), so a registry consumer can run it:
 
-    from tasks.onnx_generate import load_onnx_generator
-    from tasks.prompting import format_prompt
+    from tasks.plumbing.onnx_generate import load_onnx_generator
+    from tasks.plumbing.prompting import format_prompt
 
     gen = load_onnx_generator("runs/local/export/onnx")
     out = gen.generate([format_prompt("What does zip() return?")], max_new_tokens=64)
@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from tasks.errors import UserError
+from tasks.core.errors import UserError
 
 log = logging.getLogger("qa_lora.onnx_generate")
 
@@ -257,7 +257,7 @@ class OnnxGenerator:
     def generate(
         self, prompts: Sequence[str], max_new_tokens: int = 64, return_logits: bool = False
     ) -> GenerationResult:
-        """Greedy-generate answers for already templated prompts (see `tasks.prompting.format_prompt`).
+        """Greedy-generate answers for already templated prompts (see `tasks.plumbing.prompting.format_prompt`).
 
         Args:
             prompts: prompt strings; the tokenizer adds BOS.

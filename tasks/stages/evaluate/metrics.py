@@ -1,6 +1,6 @@
 """Answer metrics, the paired bootstrap and the regression gate, as pure functions (no model, no I/O).
 
-`tasks.evaluate` produces per-row scores for each model; everything that turns those scores into
+`tasks.stages.evaluate` produces per-row scores for each model; everything that turns those scores into
 numbers and a decision lives here, so it can be tested on hand-made rows in milliseconds.
 
 Conventions:

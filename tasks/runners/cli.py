@@ -8,32 +8,19 @@ bad config, missing file, bad data) prints one line to stderr and exits 2, witho
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import logging
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from tasks.errors import UserError
+from tasks.core.errors import UserError
+from tasks.core.logs import setup_logging
+from tasks.runners.pipeline import EXTRA, STAGES, resolve_stage
 
 log = logging.getLogger("qa_lora")
-
-# subcommand -> (module, function, one-line help). Each function is `fn(cfg, run_dir) -> dict`.
-STAGES: dict[str, tuple[str, str, str]] = {
-    "validate": ("tasks.validate", "validate_dataset", "validate and split the Q&A dataset (GX)"),
-    "version": ("tasks.version", "version_dataset", "snapshot the validated data in DVC and push it"),
-    "train": ("tasks.train", "train_adapter", "LoRA SFT of the base model on the train split"),
-    "evaluate": ("tasks.evaluate", "evaluate_candidate", "score base/candidate/champion; the gate"),
-    "export": ("tasks.export", "export_model", "merge the adapter, export ONNX, check parity"),
-    "register": ("tasks.register", "register_model", "register in MLflow; promote if the gate passed"),
-}
-EXTRA: dict[str, tuple[str, str, str]] = {
-    "run": ("tasks.pipeline", "run_pipeline", "run every stage in order on this machine"),
-    "base": ("tasks.base", "build_base_model", "build (or reuse) the embedded tiny base model"),
-}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -92,54 +79,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def setup_logging(level: str = "INFO") -> None:
-    """Timestamped progress lines on stderr (what an Airflow task log shows)."""
-    logging.basicConfig(
-        level=getattr(logging, level, logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-        force=True,
-    )
-    # Libraries whose INFO lines drown the pipeline's own progress in task logs.
-    for noisy in (
-        "great_expectations",
-        "alembic",
-        "httpx",
-        "urllib3",
-        "filelock",
-        "mlflow",
-        "dvc",
-        "asyncio",
-    ):
-        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
-
-
-def resolve_stage(name: str) -> Callable[..., dict[str, Any]]:
-    """Import a stage function by subcommand name; heavy imports happen only here."""
-    module_name, func_name, _ = {**STAGES, **EXTRA}[name]
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        if exc.name == module_name:
-            from tasks.errors import NotBuiltYet
-
-            raise NotBuiltYet(f"stage {name!r} is not built yet ({module_name} does not exist)") from None
-        raise
-    return getattr(module, func_name)
-
-
 def _dispatch(args: argparse.Namespace) -> Any:
-    from tasks.config import load_config
+    from tasks.core.config import load_config
 
     cfg = load_config(args.params, args.overrides)
     setup_logging(cfg.runtime.log_level)
     run_dir = Path(args.run_dir) if args.run_dir else cfg.resolve(cfg.runtime.run_dir)
     if args.command == "info":
-        from tasks.device import describe_device
+        from tasks.plumbing.device import describe_device
 
         return describe_device(cfg.runtime.device)
     if args.command in ("promote", "rollback"):
-        from tasks import register
+        from tasks.stages import register
 
         who = os.environ.get("USER") or os.environ.get("LOGNAME") or "unknown"
         if args.command == "promote":

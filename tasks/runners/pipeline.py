@@ -6,23 +6,34 @@ export -> register. A failed gate stops before export, so nothing is merged, exp
 
 from __future__ import annotations
 
+import importlib
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tasks.artifacts import read_json
-from tasks.config import Config, load_config, save_config
-from tasks.errors import UserError
+from tasks.core.config import Config, load_config, save_config
+from tasks.core.errors import UserError
+from tasks.core.layout import EFFECTIVE_PARAMS, read_gate
 
 log = logging.getLogger("qa_lora.pipeline")
 
-EFFECTIVE_PARAMS = "params.effective.yaml"
 STAGE_ORDER = ("validate", "version", "train", "evaluate", "export", "register")
 
-
-class GateFailed(UserError):
-    """The candidate did not pass the regression gate (and gate.on_fail says the run fails)."""
+# subcommand -> (module, function, one-line help). Each function is `fn(cfg, run_dir) -> dict`.
+STAGES: dict[str, tuple[str, str, str]] = {
+    "validate": ("tasks.stages.validate", "validate_dataset", "validate and split the Q&A dataset (GX)"),
+    "version": ("tasks.stages.version", "version_dataset", "snapshot the validated data in DVC and push it"),
+    "train": ("tasks.stages.train", "train_adapter", "LoRA SFT of the base model on the train split"),
+    "evaluate": ("tasks.stages.evaluate", "evaluate_candidate", "score base/candidate/champion; the gate"),
+    "export": ("tasks.stages.export", "export_model", "merge the adapter, export ONNX, check parity"),
+    "register": ("tasks.stages.register", "register_model", "register in MLflow; promote if the gate passed"),
+}
+EXTRA: dict[str, tuple[str, str, str]] = {
+    "run": ("tasks.runners.pipeline", "run_pipeline", "run every stage in order on this machine"),
+    "base": ("tasks.plumbing.base", "build_base_model", "build (or reuse) the embedded tiny base model"),
+}
 
 
 def prepare_run(cfg: Config, run_dir: Path) -> dict[str, Any]:
@@ -41,9 +52,9 @@ def prepare_run(cfg: Config, run_dir: Path) -> dict[str, Any]:
     """
     # Cheap checks first: a bad dataset path or registry URI in a trigger form fails the first task in
     # seconds instead of after validation, versioning and a trip to the GPU node.
-    from tasks.config import REPO_ROOT
-    from tasks.dataio import resolve_source
-    from tasks.tracking import resolve_tracking_uri
+    from tasks.core.config import REPO_ROOT
+    from tasks.plumbing.dataio import resolve_source
+    from tasks.plumbing.tracking import resolve_tracking_uri
 
     resolve_source(cfg.data.source, cfg.data.allowed_roots, REPO_ROOT)
     resolve_tracking_uri(cfg.register.tracking_uri)
@@ -52,7 +63,7 @@ def prepare_run(cfg: Config, run_dir: Path) -> dict[str, Any]:
     save_config(cfg, run_dir / EFFECTIVE_PARAMS)
     base: dict[str, Any] = {"path": cfg.base.name_or_path, "built": False}
     if cfg.base.kind == "tiny":
-        from tasks.base import build_base_model
+        from tasks.plumbing.base import build_base_model
 
         base = build_base_model(cfg)
     log.info("run %s prepared (params hash %s)", run_dir, cfg.params_hash())
@@ -67,18 +78,15 @@ def load_run_config(run_dir: Path) -> Config:
     return load_config(path)
 
 
-def gate_result(run_dir: Path) -> dict[str, Any]:
-    """The evaluate stage's gate.json for this run."""
-    path = Path(run_dir) / "eval" / "gate.json"
-    if not path.is_file():
-        raise UserError(f"{path}: not found; run the evaluate stage first")
-    return read_json(path)
+def resolve_stage(name: str) -> Callable[..., dict[str, Any]]:
+    """Import a stage function by subcommand name; heavy imports happen only here."""
+    module_name, func_name, _ = {**STAGES, **EXTRA}[name]
+    module = importlib.import_module(module_name)
+    return getattr(module, func_name)
 
 
 def run_stage(name: str, cfg: Config, run_dir: Path) -> dict[str, Any]:
     """Run one stage function by name, timed and logged."""
-    from tasks.cli import resolve_stage
-
     log.info("stage %s: starting", name)
     start = time.perf_counter()
     result = resolve_stage(name)(cfg, Path(run_dir))
@@ -105,14 +113,14 @@ def run_pipeline(cfg: Config, run_dir: Path) -> dict[str, Any]:
     for name in STAGE_ORDER:
         start = time.perf_counter()
         if name == "export":
-            gate = gate_result(run_dir)
-            results["gate"] = {"passed": gate["passed"], "reasons": gate.get("reasons", [])}
+            gate = read_gate(run_dir)
+            results["gate"] = {"passed": gate["passed"], "reasons": gate["reasons"]}
             if not gate["passed"]:
-                why = "; ".join(gate.get("reasons", [])) or "see eval/gate.json"
-                msg = f"gate failed: {why}. Nothing merged, exported or registered."
                 if cfg.gate.on_fail == "fail":
-                    raise GateFailed(msg)
-                log.warning("%s", msg)
+                    read_gate(run_dir, require_pass=True)
+                log.warning(
+                    "gate failed: %s. Nothing merged, exported or registered.", "; ".join(gate["reasons"])
+                )
                 break
         results[name] = run_stage(name, cfg, run_dir)
         seconds[name] = round(time.perf_counter() - start, 2)

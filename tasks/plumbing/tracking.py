@@ -11,8 +11,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from tasks.config import REPO_ROOT, Config
-from tasks.errors import StoreUnavailable, UserError
+from tasks.core.config import REPO_ROOT, Config
+from tasks.core.errors import StoreUnavailable, UserError
 
 SUPPORTED_SCHEMES = ("sqlite", "http", "https", "databricks", "postgresql", "mysql", "file")
 

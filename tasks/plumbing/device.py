@@ -77,7 +77,7 @@ def detect_capabilities(requested: Literal["auto", "cpu", "cuda"] = "auto") -> D
 
     import torch
 
-    from tasks.errors import UserError
+    from tasks.core.errors import UserError
 
     hip = getattr(torch.version, "hip", None)
     has_gpu = torch.cuda.is_available() and requested != "cpu"
@@ -178,7 +178,7 @@ def plan_device(
         if chosen == "bf16" and not caps.bf16_native:
             reasons.append("precision=bf16: requested although this device emulates bf16 (slow)")
         elif chosen == "fp16" and not on_gpu:
-            from tasks.errors import UserError
+            from tasks.core.errors import UserError
 
             raise UserError("train.precision: fp16 needs a GPU; use fp32 or auto on CPU")
         else:
@@ -205,7 +205,7 @@ def plan_device(
     else:
         attn = attn_implementation
         if attn == "flash_attention_2" and not (on_gpu and caps.flash_attn_installed):
-            from tasks.errors import UserError
+            from tasks.core.errors import UserError
 
             raise UserError(
                 "train.attn_implementation: flash_attention_2 needs a GPU and the flash-attn package; "

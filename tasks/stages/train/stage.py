@@ -38,11 +38,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tasks.artifacts import atomic_dir, read_json, write_json_atomic, write_text_atomic
-from tasks.config import Config, LoraSection
-from tasks.dataio import read_split
-from tasks.errors import UserError
-from tasks.prompting import format_completion, format_prompt
+from tasks.core.artifacts import atomic_dir, read_json, write_json_atomic, write_text_atomic
+from tasks.core.config import Config, LoraSection
+from tasks.core.errors import UserError
+from tasks.plumbing.dataio import read_split
+from tasks.plumbing.prompting import format_completion, format_prompt
 
 log = logging.getLogger("qa_lora.train")
 
@@ -88,7 +88,7 @@ def train_adapter(cfg: Config, run_dir: Path) -> dict[str, Any]:
     _prepare_output(out, fingerprint)
 
     if cfg.train.num_processes > 1:
-        from tasks.launch import launch_training
+        from tasks.runners.launch import launch_training
 
         launch_training(cfg, run_dir)
         summary = read_json(out / SUMMARY_FILE)
@@ -244,7 +244,7 @@ class _Base:
 def _resolve_base(cfg: Config, build: bool) -> _Base:
     """The base model to load; refuses a missing path or one without safetensors weights."""
     if cfg.base.kind == "tiny" and build:
-        from tasks.base import build_base_model
+        from tasks.plumbing.base import build_base_model
 
         build_base_model(cfg)
     name = cfg.base.name_or_path
@@ -762,7 +762,7 @@ def _start_mlflow_run(cfg: Config, run_dir: Path, ckpt_dir: Path, params: dict[s
     """One MLflow run per training: created once, reopened by a resumed attempt."""
     import mlflow
 
-    from tasks.tracking import setup_mlflow
+    from tasks.plumbing.tracking import setup_mlflow
 
     experiment_id = setup_mlflow(cfg)
     client = mlflow.MlflowClient()
@@ -832,7 +832,7 @@ def _train_process(
     import torch
     from peft import get_peft_model
 
-    from tasks.device import detect_capabilities, estimate_train_bytes, plan_device
+    from tasks.plumbing.device import detect_capabilities, estimate_train_bytes, plan_device
 
     # ---- device plan: nothing left to library defaults
     caps = detect_capabilities(cfg.runtime.device)

@@ -1,8 +1,8 @@
 """Load a Q&A dataset from JSONL, CSV or Parquet and normalize it to one schema.
 
-Not a stage: `tasks.validate` calls it. Every problem that makes a file unreadable (a path outside the
+Not a stage: `tasks.stages.validate` calls it. Every problem that makes a file unreadable (a path outside the
 allowed roots, bad UTF-8, a malformed JSON line, an oversized row, missing columns, wrong types, an
-empty file) raises :class:`tasks.errors.UserError` with ONE line of the form
+empty file) raises :class:`tasks.core.errors.UserError` with ONE line of the form
 
     <file>: line 12: <what is wrong> (check: <name>)
     <file>: lines 3, 7, 9 and 2 more: <what is wrong at the first one> (check: <name>)
@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from tasks.errors import UserError
+from tasks.core.errors import UserError
 
 FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".csv": "csv", ".parquet": "parquet"}
 SCHEMAS = ("question_answer", "prompt_completion", "messages", "llama2_text")

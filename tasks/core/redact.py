@@ -1,0 +1,90 @@
+"""Redaction: the one place that keeps credentials out of messages, logs, reports, tags and files.
+
+Every text the project writes where a person or another tool can read it goes through :func:`redact`
+(or :func:`redact_uri` for a single URI): error lines, log records (a filter installed by
+`tasks.core.logs.setup_logging`), registration.json, the model card, MLflow tags, params.effective.yaml
+and XCom values. It removes
+* the user-info of a URI (`scheme://user:password@host` -> `scheme://***@host`),
+* secret-looking query parameters (`?token=...`, `sig=`, `X-Amz-Signature=`, ... -> `=***`),
+* the values of known secret environment variables wherever they appear verbatim.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable
+from typing import Any
+
+MASK = "***"
+
+# scheme://user[:password]@host  -> scheme://***@host (user names can identify accounts, too)
+_USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^/\s@'\"<>]+)@")
+_SECRET_PARAMS = (
+    "token",
+    "access_token",
+    "api_key",
+    "apikey",
+    "key",
+    "password",
+    "passwd",
+    "pwd",
+    "secret",
+    "sig",
+    "signature",
+    "x-amz-signature",
+    "x-amz-credential",
+    "x-amz-security-token",
+    "client_secret",
+)
+_QUERY = re.compile(
+    r"(?P<name>[?&](?:" + "|".join(re.escape(p) for p in _SECRET_PARAMS) + r"))=(?P<value>[^&\s'\"#]+)", re.I
+)
+# Environment variables whose values are credentials (exact names, then name patterns).
+SECRET_ENV_NAMES = (
+    "MLFLOW_TRACKING_PASSWORD",
+    "MLFLOW_TRACKING_TOKEN",
+    "HF_TOKEN",
+    "HUGGING_FACE_HUB_TOKEN",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AZURE_STORAGE_KEY",
+    "AIRFLOW__API_AUTH__JWT_SECRET",
+)
+_SECRET_ENV_PATTERN = re.compile(r"(PASSWORD|SECRET|TOKEN|PRIVATE_KEY|ACCESS_KEY)$")
+_MIN_SECRET_LEN = 6  # shorter values would mask ordinary words
+
+
+def secret_env_values(environ: dict[str, str] | None = None) -> list[str]:
+    """The values of credential-bearing environment variables, longest first."""
+    env = os.environ if environ is None else environ
+    names = {n for n in env if n in SECRET_ENV_NAMES or _SECRET_ENV_PATTERN.search(n)}
+    values = {env[n] for n in names if len(env.get(n, "")) >= _MIN_SECRET_LEN}
+    return sorted(values, key=len, reverse=True)
+
+
+def redact(text: str, extra_secrets: Iterable[str] = ()) -> str:
+    """`text` with URI user-info, secret query values and known secret values masked."""
+    if not text:
+        return text
+    out = _USERINFO.sub(lambda m: f"{m['scheme']}{MASK}@", text)
+    out = _QUERY.sub(lambda m: f"{m['name']}={MASK}", out)
+    for secret in [*secret_env_values(), *(s for s in extra_secrets if s and len(s) >= _MIN_SECRET_LEN)]:
+        out = out.replace(secret, MASK)
+    return out
+
+
+def redact_uri(uri: str | None) -> str | None:
+    """One URI with its credentials masked (None stays None)."""
+    return None if uri is None else redact(str(uri))
+
+
+def redact_obj(value: Any) -> Any:
+    """A JSON-like value (dicts, lists, strings) with every string redacted; other types unchanged."""
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, dict):
+        return {k: redact_obj(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(redact_obj(v) for v in value)
+    return value
