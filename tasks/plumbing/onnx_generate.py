@@ -1,6 +1,6 @@
 """Greedy generation on ONNX Runtime over the exported decoder (one graph with a KV cache).
 
-The export stage (tasks/export.py) writes `model.onnx` (+ `model.onnx.data`), the tokenizer and
+The export stage (tasks/stages/export) writes `model.onnx` (+ `model.onnx.data`), the tokenizer and
 `onnx_layout.json`, which names the graph's inputs, outputs and cache tensors. One graph serves both
 phases: the prompt runs with an empty (length-0) cache (prefill), then one token per step runs with the
 cache the previous step returned (decode). Prompts are left-padded; position ids are
@@ -29,86 +29,34 @@ from typing import Any
 import numpy as np
 
 from tasks.core.errors import UserError
+from tasks.plumbing.ort_runtime import (
+    PROVIDER_NAMES,
+    PROVIDER_PRIORITY,
+    ProviderChoice,
+    choose_provider,
+    create_session,
+    import_onnxruntime,
+)
 
 log = logging.getLogger("qa_lora.onnx_generate")
+
+# Provider choice lives in tasks.plumbing.ort_runtime; re-exported here for consumers of this module.
+__all__ = [
+    "LAYOUT_FILE",
+    "LAYOUT_FORMAT",
+    "PROVIDER_NAMES",
+    "PROVIDER_PRIORITY",
+    "GenerationResult",
+    "OnnxGenerator",
+    "ProviderChoice",
+    "choose_provider",
+    "load_onnx_generator",
+]
 
 LAYOUT_FILE = "onnx_layout.json"
 LAYOUT_FORMAT = "qa-lora-onnx-kv/1"
 
-# Preference order when `export.provider` is auto: AMD first (the production GPU), then NVIDIA, then CPU.
-# ROCMExecutionProvider only exists in onnxruntime-rocm <= 1.22; MIGraphX is AMD's maintained path.
-PROVIDER_PRIORITY: tuple[str, ...] = (
-    "MIGraphXExecutionProvider",
-    "ROCMExecutionProvider",
-    "CUDAExecutionProvider",
-    "CPUExecutionProvider",
-)
-PROVIDER_NAMES: dict[str, str] = {
-    "MIGraphX": "MIGraphXExecutionProvider",
-    "ROCM": "ROCMExecutionProvider",
-    "CUDA": "CUDAExecutionProvider",
-    "CPU": "CPUExecutionProvider",
-}
 _ORT_TO_NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
-
-
-@dataclass(frozen=True)
-class ProviderChoice:
-    """The execution provider picked for ONNX Runtime, with the fallback list a session is given."""
-
-    name: str
-    providers: tuple[str, ...]
-    available: tuple[str, ...]
-    reason: str
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "providers": list(self.providers),
-            "available": list(self.available),
-            "reason": self.reason,
-        }
-
-
-def choose_provider(available: Sequence[str], requested: str = "auto") -> ProviderChoice:
-    """Pick the ONNX Runtime execution provider (pure: the installed list is an argument).
-
-    Args:
-        available: what `onnxruntime.get_available_providers()` reports (faked in tests).
-        requested: `export.provider`: "auto", or one of MIGraphX, ROCM, CUDA, CPU (short or full name).
-
-    Returns:
-        The choice; `providers` puts it first and CPU last, as ONNX Runtime falls back per node.
-
-    Raises:
-        UserError: a requested provider that this onnxruntime build does not have.
-    """
-    avail = tuple(available)
-    if requested == "auto":
-        for name in PROVIDER_PRIORITY:
-            if name in avail:
-                skipped = [p for p in PROVIDER_PRIORITY[: PROVIDER_PRIORITY.index(name)]]
-                why = f"auto: first of {', '.join(p.removesuffix('ExecutionProvider') for p in PROVIDER_PRIORITY)}"
-                why += f" installed (not installed: {', '.join(skipped)})" if skipped else " installed"
-                return ProviderChoice(name, _with_cpu(name), avail, why)
-        # Every onnxruntime build has the CPU provider; a list without it is a broken install.
-        raise UserError(f"onnxruntime reports no usable execution provider (available: {list(avail)})")
-    name = PROVIDER_NAMES.get(requested, requested)
-    if name not in avail:
-        hint = {
-            "ROCMExecutionProvider": "install onnxruntime-rocm (<= 1.22) in place of onnxruntime",
-            "MIGraphXExecutionProvider": "install onnxruntime-migraphx in place of onnxruntime",
-            "CUDAExecutionProvider": "install onnxruntime-gpu in place of onnxruntime",
-        }.get(name, "use auto")
-        raise UserError(
-            f"export.provider: {requested!r} is not available in this onnxruntime "
-            f"(available: {', '.join(avail) or 'none'}); {hint}"
-        )
-    return ProviderChoice(name, _with_cpu(name), avail, "requested by export.provider")
-
-
-def _with_cpu(name: str) -> tuple[str, ...]:
-    return (name,) if name == "CPUExecutionProvider" else (name, "CPUExecutionProvider")
 
 
 @dataclass
@@ -134,18 +82,11 @@ class OnnxGenerator:
         graph: str | None = None,
         session_options: Any = None,
         tokenizer: Any = None,
+        allow_cpu_fallback: bool = False,
     ) -> None:
-        import onnxruntime as ort
-
+        ort = import_onnxruntime()
         self.onnx_dir = Path(onnx_dir)
-        layout_path = self.onnx_dir / LAYOUT_FILE
-        if not layout_path.is_file():
-            raise UserError(f"{layout_path}: missing; expected an ONNX export written by `qa-lora export`")
-        self.layout: dict[str, Any] = json.loads(layout_path.read_text(encoding="utf-8"))
-        if self.layout.get("format") != LAYOUT_FORMAT:
-            raise UserError(
-                f"{layout_path}: format {self.layout.get('format')!r}, expected {LAYOUT_FORMAT!r}"
-            )
+        self.layout: dict[str, Any] = _read_layout(self.onnx_dir)
         graph_path = self.onnx_dir / (graph or self.layout["graph"])
         if not graph_path.is_file():
             raise UserError(f"{graph_path}: ONNX graph not found")
@@ -154,8 +95,9 @@ class OnnxGenerator:
             session_options = ort.SessionOptions()
             # The cache grows by one every step: shapes change each call, so arena growth is wasted memory.
             session_options.enable_mem_pattern = False
-        self.session = ort.InferenceSession(
-            str(graph_path), sess_options=session_options, providers=list(self.choice.providers)
+        # `fallback` is None, or why the chosen GPU provider did not load (only when that is allowed).
+        self.session, self.fallback = create_session(
+            graph_path, self.choice, session_options, allow_cpu_fallback=allow_cpu_fallback
         )
         self.provider = self.session.get_providers()[0]
         self.tokenizer = tokenizer if tokenizer is not None else _load_tokenizer(self.onnx_dir)
@@ -251,7 +193,7 @@ class OnnxGenerator:
             finished=[bool(d) for d in done],
             prefill_logits=prefill,
             step_logits=np.stack(steps) if steps else None,
-            meta={"provider": self.provider},
+            meta={"provider": self.provider, "cpu_fallback": self.fallback},
         )
 
     def generate(
@@ -285,16 +227,31 @@ def _trim(tokens: np.ndarray, eos: int) -> list[list[int]]:
     return out
 
 
+def _read_layout(onnx_dir: Path) -> dict[str, Any]:
+    layout_path = onnx_dir / LAYOUT_FILE
+    if not layout_path.is_file():
+        raise UserError(f"{layout_path}: missing; expected an ONNX export written by `qa-lora export`")
+    layout = json.loads(layout_path.read_text(encoding="utf-8"))
+    if layout.get("format") != LAYOUT_FORMAT:
+        raise UserError(f"{layout_path}: format {layout.get('format')!r}, expected {LAYOUT_FORMAT!r}")
+    return layout
+
+
 def _load_tokenizer(directory: Path) -> Any:
+    """The tokenizer saved beside the graph (no config here: a registry consumer has only the files),
+    with the project's one pad rule (tasks.plumbing.loading)."""
     from transformers import AutoTokenizer
 
+    from tasks.plumbing.loading import apply_pad_rule
+
     tokenizer = AutoTokenizer.from_pretrained(str(directory))
+    apply_pad_rule(tokenizer, str(directory))
     tokenizer.padding_side = "left"
     return tokenizer
 
 
 def load_onnx_generator(
-    onnx_dir: str | Path, provider: str = "auto", graph: str | None = None
+    onnx_dir: str | Path, provider: str = "auto", graph: str | None = None, allow_cpu_fallback: bool = False
 ) -> OnnxGenerator:
     """Load an ONNX export (written by `qa-lora export`) for greedy generation.
 
@@ -302,8 +259,14 @@ def load_onnx_generator(
         onnx_dir: the export's `onnx/` directory (graph, tokenizer, `onnx_layout.json`).
         provider: "auto" (MIGraphX, ROCM, CUDA, CPU: the first installed) or one of those names.
         graph: another graph file in the same layout (e.g. "fp16/model.onnx"); default the fp32 one.
+        allow_cpu_fallback: run on the CPU (with a warning; see `.fallback`) when the chosen GPU provider
+            does not load, instead of failing.
 
     Returns:
         The generator; `.generate(prompts, max_new_tokens)` returns texts and token ids.
+
+    Raises:
+        UserError: no (or more than one) ONNX Runtime installed, or a malformed export.
+        ProviderUnavailable: the chosen GPU provider did not load and no fallback is allowed.
     """
-    return OnnxGenerator(onnx_dir, provider=provider, graph=graph)
+    return OnnxGenerator(onnx_dir, provider=provider, graph=graph, allow_cpu_fallback=allow_cpu_fallback)

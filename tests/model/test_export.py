@@ -1,8 +1,10 @@
-"""Export stage: merge parity, ONNX (KV cache) parity, provider choice, model card, atomicity.
+"""Export stage: merge parity, ONNX (KV cache) parity, provider choice and verification, model card,
+gate, atomicity.
 
 The slow tests share one export of the tiny base + a LoRA adapter trained for a few steps here (so
-lora_B is non-zero and the merge changes weights); parity failure runs a second export whose graph is
-corrupted on disk between writing and checking.
+lora_B is non-zero and the merge changes weights). That export runs with a faked provider list (ROCm
+"installed" in this CPU build, so it cannot load) and `export.allow_cpu_fallback=true`: the fallback is
+recorded. Parity failure runs a second export whose graph is corrupted on disk between writing and checking.
 """
 
 from __future__ import annotations
@@ -16,7 +18,12 @@ import pytest
 
 from tasks.core.config import Config, load_config
 from tasks.core.errors import UserError
-from tasks.plumbing.onnx_generate import choose_provider
+from tasks.plumbing.ort_runtime import (
+    ProviderChoice,
+    ProviderUnavailable,
+    choose_provider,
+    verify_session,
+)
 from tasks.plumbing.prompting import format_completion, format_prompt
 
 QUESTIONS = [
@@ -65,8 +72,24 @@ def test_provider_override_and_unavailable() -> None:
         choose_provider(["CPUExecutionProvider"], "MIGraphX")
 
 
+def test_gpu_provider_that_did_not_load_fails_or_falls_back_when_allowed(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """What the session really loaded decides, not what was asked for (faked provider lists)."""
+    rocm = choose_provider(["ROCMExecutionProvider", "CPUExecutionProvider"])
+    assert verify_session(["ROCMExecutionProvider", "CPUExecutionProvider"], rocm, False) is None
+    with pytest.raises(ProviderUnavailable, match=r"could not load ROCMExecutionProvider \(") as err:
+        verify_session(["CPUExecutionProvider"], rocm, allow_cpu_fallback=False)
+    assert "\n" not in str(err.value) and "export.allow_cpu_fallback=true" in str(err.value)
+    note = verify_session(["CPUExecutionProvider"], rocm, allow_cpu_fallback=True)
+    assert note is not None and "ROCMExecutionProvider" in note
+    assert any(r.levelname == "WARNING" and "running on the CPU" in r.getMessage() for r in caplog.records)
+    cpu = ProviderChoice("CPUExecutionProvider", ("CPUExecutionProvider",), (), "test")
+    assert verify_session(["CPUExecutionProvider"], cpu, False) is None
+
+
 def test_memory_plan_refuses_and_places_merge() -> None:
-    from tasks.stages.export.stage import _plan_memory
+    from tasks.stages.export import plan_memory as _plan_memory
 
     gib = 2**30
     n = 7_000_000_000  # 26 GiB of fp32 weights
@@ -83,7 +106,7 @@ def test_memory_plan_refuses_and_places_merge() -> None:
 def test_quantized_base_is_refused(tmp_path: Path) -> None:
     from transformers import LlamaConfig
 
-    from tasks.stages.export.stage import _load_base_config
+    from tasks.stages.export import load_base_config
 
     base = tmp_path / "gptq-base"
     LlamaConfig(
@@ -94,7 +117,7 @@ def test_quantized_base_is_refused(tmp_path: Path) -> None:
     (base / "config.json").write_text(json.dumps(raw))
     cfg = load_config(overrides=[f"base.name_or_path={base}", "base.kind=hub"])
     with pytest.raises(UserError, match=r"quantized checkpoint \(gptq\).*full-precision"):
-        _load_base_config(cfg, str(base))
+        load_base_config(cfg, str(base))
 
 
 def test_missing_inputs_are_user_errors(tmp_path: Path) -> None:
@@ -125,11 +148,12 @@ def _fake_summary() -> dict[str, Any]:
 
 
 def test_model_card_states_lineage_metrics_gate_and_loading(tmp_path: Path) -> None:
-    from tasks.stages.export.stage import _render_model_card
+    from tasks.stages.export import render_model_card
 
     cfg = load_config()
     (tmp_path / "eval").mkdir()
-    (tmp_path / "version.json").write_text(json.dumps({"dataset_hash": "md5-abc123", "remote": "dvc-remote"}))
+    remote = "s3://AKIAEXAMPLE:wJalrXUtnFEMI@bucket/dvc?X-Amz-Signature=abcdef123456"
+    (tmp_path / "version.json").write_text(json.dumps({"dataset_hash": "md5-abc123", "remote": remote}))
     (tmp_path / "eval" / "metrics.json").write_text(
         json.dumps({"base": {"token_f1": 0.21}, "candidate": {"token_f1": 0.4321}, "gate": {"passed": 1}})
     )
@@ -139,37 +163,57 @@ def test_model_card_states_lineage_metrics_gate_and_loading(tmp_path: Path) -> N
         "primary_metric": "token_f1",
         "reasons": ["token_f1 regressed by 0.05"],
     }
-    (tmp_path / "eval" / "gate.json").write_text(json.dumps(gate))
-    card = _render_model_card(cfg, tmp_path, _fake_summary())
+    card = render_model_card(cfg, tmp_path, _fake_summary(), gate)
     assert cfg.base.name_or_path in card
-    assert "md5-abc123" in card and "dvc-remote" in card
+    assert "md5-abc123" in card and "bucket/dvc" in card
+    assert "wJalrXUtnFEMI" not in card and "AKIAEXAMPLE" not in card and "abcdef123456" not in card
     assert cfg.params_hash() in card
     assert "candidate.token_f1 | 0.4321" in card
     assert "**fail**" in card and "token_f1 regressed by 0.05" in card
     assert "## Intended use and limits" in card
     assert "AutoModelForCausalLM.from_pretrained" in card and "load_onnx_generator" in card
     assert "top-1 agreement with fp32 0.9700" in card
+    assert "CPU fallback" not in card
 
 
-def test_model_card_states_missing_inputs(tmp_path: Path) -> None:
-    from tasks.stages.export.stage import _render_model_card
+def test_model_card_states_missing_inputs_and_cpu_fallback(tmp_path: Path) -> None:
+    from tasks.stages.export import render_model_card
 
-    card = _render_model_card(load_config(), tmp_path, _fake_summary())
+    summary = _fake_summary()
+    summary["provider"] = {
+        "name": "CPUExecutionProvider",
+        "cpu_fallback": "could not load ROCMExecutionProvider",
+    }
+    card = render_model_card(load_config(), tmp_path, summary, {"passed": True, "reasons": []})
     assert "Data version (DVC): not available" in card
     assert "Metrics: not available" in card
-    assert "Regression gate: not available" in card
+    assert "Regression gate: **pass**" in card
+    assert "**CPU fallback**" in card and "could not load ROCMExecutionProvider" in card
 
 
 # ------------------------------------------------------------------------------------ slow: one export
 
 
+PASSING_GATE = {"passed": True, "decision": "pass", "primary_metric": "token_f1", "reasons": []}
+
+
+def _fake_rocm_installed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """This CPU build reports ROCm as installed: its sessions then run on the CPU, as on a broken node."""
+    import onnxruntime
+
+    listed = ["ROCMExecutionProvider", "CPUExecutionProvider"]
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: list(listed))
+
+
 def _make_run(run_dir: Path, base: Path) -> None:
-    """eval.jsonl + a LoRA adapter trained for a few steps (lora_B non-zero) on the tiny base."""
+    """eval.jsonl, a passing gate + a LoRA adapter trained for a few steps (lora_B non-zero) on the tiny base."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     (run_dir / "data").mkdir(parents=True)
+    (run_dir / "eval").mkdir()
+    (run_dir / "eval" / "gate.json").write_text(json.dumps(PASSING_GATE))
     with (run_dir / "data" / "eval.jsonl").open("w", encoding="utf-8") as fh:
         for i, (q, a) in enumerate(QUESTIONS):
             fh.write(json.dumps({"id": f"q{i:02d}", "question": q, "answer": a, "category": "python"}) + "\n")
@@ -212,8 +256,10 @@ def exported(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[
 
     run_dir = tmp_path_factory.mktemp("export-run")
     _make_run(run_dir, tiny_base)
-    cfg = _cfg(tiny_base, "export.variants=[int8]")
-    result = export_model(cfg, run_dir)
+    cfg = _cfg(tiny_base, "export.variants=[int8]", "export.allow_cpu_fallback=true")
+    with pytest.MonkeyPatch.context() as mp:
+        _fake_rocm_installed(mp)
+        result = export_model(cfg, run_dir)
     return {"run_dir": run_dir, "cfg": cfg, "result": result, "base": tiny_base}
 
 
@@ -291,13 +337,18 @@ def test_export_artifacts_summary_and_card(exported: dict[str, Any]) -> None:
     assert (Path(result["merged_dir"]) / "README.md").read_text() == (export_dir / "README.md").read_text()
     assert not [p.name for p in run_dir.iterdir() if p.name.startswith(".tmp-")]
     summary = json.loads((export_dir / "export_summary.json").read_text())
+    # ROCm was listed but could not load; allowed, so the export ran on the CPU and says so everywhere.
     assert summary["provider"]["name"] == result["provider"] == "CPUExecutionProvider"
+    assert "could not load ROCMExecutionProvider" in summary["provider"]["cpu_fallback"]
+    assert result["cpu_fallback"] == summary["provider"]["cpu_fallback"]
+    assert summary["parity"]["onnx"]["provider"] == "CPUExecutionProvider"
     assert summary["opset"] == 18 and summary["dtype"] == "float32"
     assert {"merge_s", "export_onnx_s", "onnx_parity_s", "total_s"} <= set(summary["timings_s"])
     assert summary["sizes_bytes"]["onnx_fp32"] > 0 and summary["sizes_bytes"]["merged"] > 0
     int8 = summary["variants"]["int8"]
     assert int8["passed"] and 0.9 <= int8["top1_agreement"] <= 1.0 and int8["size_bytes"] > 0
     card = (export_dir / "README.md").read_text()
+    assert "**CPU fallback**" in card and "ROCMExecutionProvider" in card
     assert "r=4, alpha=16" in card  # from the adapter's own config, not params.yaml's r=8
     assert "Data version (DVC): not available" in card
 
@@ -316,13 +367,15 @@ def test_rerun_with_same_inputs_is_idempotent(exported: dict[str, Any]) -> None:
     }
     assert before == after
 
-    # A gate result that appears later changes the model card: the export is redone, not reused.
-    gate = {"passed": True, "decision": "pass", "primary_metric": "token_f1", "reasons": []}
-    (exported["run_dir"] / "eval").mkdir(exist_ok=True)
+    # A new gate result changes the model card: the export is redone, not reused. This time the real
+    # provider list (CPU only) is used: nothing to fall back from.
+    gate = {**PASSING_GATE, "reasons": ["re-evaluated against a new champion"]}
     (exported["run_dir"] / "eval" / "gate.json").write_text(json.dumps(gate))
     redone = export_model(exported["cfg"], exported["run_dir"])
     assert not redone["reused"] and redone["fingerprint"] != again["fingerprint"]
-    assert "Regression gate: **pass**" in Path(redone["model_card"]).read_text()
+    card = Path(redone["model_card"]).read_text()
+    assert "Regression gate: **pass**" in card and "re-evaluated against a new champion" in card
+    assert redone["cpu_fallback"] is None and "CPU fallback" not in card
 
 
 @pytest.mark.slow
@@ -333,11 +386,12 @@ def test_parity_failure_fails_the_stage_and_leaves_no_export(
     import numpy as np
 
     import tasks.stages.export.stage as export_mod
+    from tasks.stages.export import ExportParityError, export_model
 
     run_dir = tmp_path / "run"
-    for part in ("data", "train"):
+    for part in ("data", "train", "eval"):
         shutil.copytree(exported["run_dir"] / part, run_dir / part)
-    original = export_mod._export_onnx
+    original = export_mod.export_onnx
 
     def corrupting(*args: Any, **kwargs: Any) -> dict[str, Any]:
         layout = original(*args, **kwargs)
@@ -347,33 +401,60 @@ def test_parity_failure_fails_the_stage_and_leaves_no_export(
         raw.tofile(data)
         return layout
 
-    monkeypatch.setattr(export_mod, "_export_onnx", corrupting)
+    monkeypatch.setattr(export_mod, "export_onnx", corrupting)
     with pytest.raises(
-        export_mod.ExportParityError, match=r"ONNX .*parity failed: max \|logit diff\| [0-9.e+-]+ > atol"
+        ExportParityError, match=r"ONNX .*parity failed: max \|logit diff\| [0-9.e+-]+ > atol"
     ):
-        export_mod.export_model(exported["cfg"], run_dir)
-    assert sorted(p.name for p in run_dir.iterdir()) == ["data", "train"]
+        export_model(exported["cfg"], run_dir)
+    assert sorted(p.name for p in run_dir.iterdir()) == ["data", "eval", "train"]
+
+
+def _run_without_model(run_dir: Path, gate: dict[str, Any] | None) -> None:
+    """An adapter config and an eval split (what the input check looks at) and, if given, a gate."""
+    (run_dir / "train" / "adapter").mkdir(parents=True)
+    (run_dir / "train" / "adapter" / "adapter_config.json").write_text("{}")
+    (run_dir / "data").mkdir()
+    (run_dir / "data" / "eval.jsonl").write_text(
+        '{"id": "1", "question": "q", "answer": "a", "category": "c"}\n'
+    )
+    if gate is not None:
+        (run_dir / "eval").mkdir()
+        (run_dir / "eval" / "gate.json").write_text(json.dumps(gate))
 
 
 def test_failed_gate_exports_nothing(tmp_path: Path) -> None:
     """`qa-lora export` / `dvc repro` after a failed gate refuse, like the DAG's gate task."""
-    import json
-
-    from tasks.core.config import load_config
-    from tasks.core.errors import UserError
     from tasks.stages.export import export_model
 
-    (tmp_path / "train" / "adapter").mkdir(parents=True)
-    (tmp_path / "train" / "adapter" / "adapter_config.json").write_text("{}")
-    (tmp_path / "data").mkdir()
-    (tmp_path / "data" / "eval.jsonl").write_text(
-        '{"id": "1", "question": "q", "answer": "a", "category": "c"}\n'
-    )
-    (tmp_path / "eval").mkdir()
-    gate = {"passed": False, "reasons": ["token_f1: CI lower bound -0.02 <= 0.0"]}
-    (tmp_path / "eval" / "gate.json").write_text(json.dumps(gate))
-    with pytest.raises(
-        UserError, match=r"the gate failed \(token_f1: CI lower bound -0\.02 <= 0\.0\); nothing exported"
-    ):
+    _run_without_model(tmp_path, {"passed": False, "reasons": ["token_f1: CI lower bound -0.02 <= 0.0"]})
+    with pytest.raises(UserError, match=r"gate failed: token_f1: CI lower bound -0\.02 <= 0\.0\. Nothing"):
         export_model(load_config(), tmp_path)
     assert not (tmp_path / "export").exists()
+
+
+def test_missing_gate_exports_nothing(tmp_path: Path) -> None:
+    """No gate.json (evaluate never ran) is refused too: one strictness for every reader of the gate."""
+    from tasks.stages.export import export_model
+
+    _run_without_model(tmp_path, gate=None)
+    with pytest.raises(UserError, match=r"gate\.json: not found; the evaluate stage"):
+        export_model(load_config(), tmp_path)
+    assert not (tmp_path / "export").exists()
+
+
+def test_gpu_provider_that_cannot_load_stops_the_export_before_any_work(
+    tiny_base: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ROCm listed but not loadable, no fallback allowed: one line naming the provider, nothing written."""
+    from tasks.stages.export import export_model
+
+    _run_without_model(tmp_path, PASSING_GATE)
+    _fake_rocm_installed(monkeypatch)
+    with pytest.raises(ProviderUnavailable) as err:
+        export_model(_cfg(tiny_base), tmp_path)
+    message = str(err.value)
+    assert "\n" not in message
+    assert "could not load ROCMExecutionProvider" in message and "export.allow_cpu_fallback" in message
+    # this CPU build has no ROCm provider library at all: the reason says so
+    assert "libonnxruntime_providers_rocm.so is not part of this onnxruntime build" in message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "eval", "train"]

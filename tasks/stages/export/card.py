@@ -1,0 +1,171 @@
+"""The model card (README.md beside the export): what the model is, its lineage, quality, limits, how to load.
+
+Inputs a run may lack (version.json, eval/metrics.json) are stated as missing; a data remote is shown
+with its credentials masked (redact_uri).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from tasks.core.artifacts import read_json
+from tasks.core.config import Config
+from tasks.core.layout import RunLayout
+from tasks.core.redact import redact_uri
+from tasks.stages.export.onnx_graph import ONNX_GRAPH
+
+
+def render_model_card(cfg: Config, run_dir: Path, summary: Mapping[str, Any], gate: Mapping[str, Any]) -> str:
+    """The model card as Markdown.
+
+    Args:
+        cfg: the effective configuration (base, lora, train, register sections are quoted).
+        run_dir: the run directory (version.json, eval/metrics.json, the adapter's config are read).
+        summary: the export summary (fingerprint, opset, provider, parity, variants).
+        gate: the gate decision (`read_gate`).
+    """
+    layout = RunLayout.of(run_dir)
+    lines = [
+        f"# {cfg.register.model_name}: Q&A model (LoRA fine-tune of {cfg.base.name_or_path}, merged)",
+        "",
+        *_lineage(cfg, layout, summary),
+        "",
+        *_parameters(cfg, layout),
+        "",
+        *_evaluation(layout, gate),
+        "",
+        *_export(summary),
+        "",
+        *_USE_AND_LOADING,
+    ]
+    return "\n".join(lines)
+
+
+def _lineage(cfg: Config, layout: RunLayout, summary: Mapping[str, Any]) -> list[str]:
+    revision = f" (revision `{cfg.base.revision}`)" if cfg.base.revision else ""
+    lines = ["## Lineage", f"- Base model: `{cfg.base.name_or_path}`{revision}"]
+    version = _maybe_json(layout.version_file)
+    if version and version.get("dataset_hash"):
+        remote = f", remote `{redact_uri(str(version['remote']))}`" if version.get("remote") else ""
+        lines.append(f"- Data version (DVC): `{version['dataset_hash']}`{remote}")
+    else:
+        lines.append(
+            f"- Data version (DVC): not available ({layout.version_file} missing or without dataset_hash)"
+        )
+    return [
+        *lines,
+        f"- Params hash: `{cfg.params_hash()}` (effective config of this run: params.effective.yaml)",
+        f"- Export fingerprint: `{summary.get('fingerprint', '?')}`",
+    ]
+
+
+def _parameters(cfg: Config, layout: RunLayout) -> list[str]:
+    # The adapter's own config is what was trained; params.yaml only says what was asked for.
+    adapter = _maybe_json(layout.adapter_dir / "adapter_config.json") or {}
+    targets = adapter.get("target_modules")
+    lora = {
+        "r": adapter.get("r", cfg.lora.r),
+        "alpha": adapter.get("lora_alpha", cfg.lora.alpha),
+        "dropout": adapter.get("lora_dropout", cfg.lora.dropout),
+        "targets": sorted(targets) if isinstance(targets, list) else list(cfg.lora.target_modules),
+    }
+    train = cfg.train
+    return [
+        "## Parameters (highlights)",
+        f"- LoRA ({'adapter_config.json' if adapter else 'params'}): r={lora['r']}, alpha={lora['alpha']}, "
+        f"dropout={lora['dropout']}, target modules {', '.join(lora['targets'])}",
+        f"- Training: epochs={train.num_train_epochs}, max_steps={train.max_steps}, lr={train.learning_rate}, "
+        f"schedule={train.lr_scheduler_type}, batch={train.per_device_train_batch_size}x{train.gradient_accumulation_steps}, "
+        f"max_length={train.max_length}, seed={train.seed}",
+        "- Prompt template: `<s>[INST] {question} [/INST]`; the answer ends with `</s>`",
+    ]
+
+
+def _evaluation(layout: RunLayout, gate: Mapping[str, Any]) -> list[str]:
+    lines = ["## Evaluation"]
+    metrics = _maybe_json(layout.eval_metrics)
+    if metrics:
+        lines += ["| metric | value |", "|---|---|"]
+        lines += [f"| {k} | {v} |" for k, v in _flatten_numbers(metrics)]
+    else:
+        lines.append(f"- Metrics: not available ({layout.eval_metrics} missing)")
+    decision = gate.get("decision") or ("pass" if gate.get("passed") else "fail")
+    lines += ["", f"- Regression gate: **{decision}** (primary metric {gate.get('primary_metric', '?')})"]
+    return lines + [f"  - {r}" for r in gate.get("reasons") or []]
+
+
+def _export(summary: Mapping[str, Any]) -> list[str]:
+    parity = summary.get("parity", {})
+    onnx_p, merge_p = parity.get("onnx", {}), parity.get("merge", {})
+    provider = summary.get("provider") or {}
+    lines = [
+        "## Export",
+        f"- Merged: fp32 safetensors in `merged/` (adapter merged with PEFT `merge_and_unload`); merge parity "
+        f"max |logit diff| {merge_p.get('max_abs_diff', float('nan')):.3g}, greedy identical: {merge_p.get('tokens_identical')}",
+        f"- ONNX: `onnx/{ONNX_GRAPH}`, opset {summary.get('opset')}, one decoder graph with KV cache (past/present), "
+        "dynamic batch and sequence; layout in `onnx/onnx_layout.json`",
+        f"- Parity PyTorch vs ONNX Runtime ({onnx_p.get('provider', '?')}, {parity.get('prompts', '?')} eval prompts, "
+        f"{parity.get('new_tokens', '?')} new tokens): max |logit diff| {onnx_p.get('max_abs_diff', float('nan')):.3g} "
+        f"(atol {onnx_p.get('atol')}), greedy identical: {onnx_p.get('tokens_identical')}",
+    ]
+    if provider.get("cpu_fallback"):
+        lines.append(
+            f"- **CPU fallback** (export.allow_cpu_fallback): {provider['cpu_fallback']}; parity was checked "
+            "on the CPU provider, not on the GPU one"
+        )
+    for name, v in (summary.get("variants") or {}).items():
+        lines.append(
+            f"- Variant {name}: `{v['path']}`, top-1 agreement with fp32 {v['top1_agreement']:.4f} (min {v['min_top1']})"
+        )
+    return lines
+
+
+_USE_AND_LOADING = [
+    "## Intended use and limits",
+    "- Intended use: short factual answers to questions in the domain of the fine-tuning data, prompted with the "
+    "template above; greedy decoding.",
+    "- Not for: open-ended advice, safety-critical decisions, or questions outside the training data's domain; "
+    "the model can state wrong answers fluently. Check the evaluation section and the gate before relying on it.",
+    "- The model was not tuned for refusal, safety or multi-turn chat.",
+    "",
+    "## How to load",
+    "With transformers (PyTorch):",
+    "```python",
+    "from transformers import AutoModelForCausalLM, AutoTokenizer",
+    'tok = AutoTokenizer.from_pretrained("merged")',
+    'model = AutoModelForCausalLM.from_pretrained("merged")',
+    'enc = tok(["[INST] What does zip() return? [/INST]"], return_tensors="pt")',
+    "out = model.generate(**enc, max_new_tokens=64, do_sample=False)",
+    'print(tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True))',
+    "```",
+    "With ONNX Runtime (no torch needed; one runtime extra installed: cpu, rocm, migraphx or cuda; provider "
+    "auto: MIGraphX, ROCm, CUDA, CPU):",
+    "```python",
+    "from tasks.plumbing.onnx_generate import load_onnx_generator",
+    "from tasks.plumbing.prompting import format_prompt",
+    'gen = load_onnx_generator("onnx")',
+    'print(gen.generate([format_prompt("What does zip() return?")], max_new_tokens=64).texts[0])',
+    "```",
+    "",
+]
+
+
+def _maybe_json(path: Path) -> dict[str, Any] | None:
+    try:
+        data = read_json(path)
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _flatten_numbers(data: Mapping[str, Any], prefix: str = "", limit: int = 40) -> list[tuple[str, str]]:
+    out: list[tuple[str, str]] = []
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out += _flatten_numbers(value, f"{name}.", limit)
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            out.append((name, f"{value:.4g}" if isinstance(value, float) else str(value)))
+    return out[:limit]
