@@ -3,7 +3,9 @@
 Every stage reads its own section. Unknown keys, wrong types and out-of-range values are refused with
 one line naming the key and what is allowed (nanoGPT's configurator, with types). Overrides come from
 `--set section.key=value` on the CLI, `dvc exp run -S`, or Airflow trigger Params; all go through
-:func:`load_config`, so a value is checked the same way wherever it comes from.
+:func:`load_config`, so a value is checked the same way wherever it comes from. The Airflow trigger form
+is generated from these models (tasks/runners/trigger_form.py): a form field's bounds, enum, title and
+description are the `Field(...)`/`Literal` declared here, so they are defined once.
 """
 
 from __future__ import annotations
@@ -63,7 +65,12 @@ class DataPolicies(_Section):
 
 
 class DataConfig(_Section):
-    source: str = "data/qa.jsonl"
+    source: str = Field(
+        "data/qa.jsonl",
+        min_length=1,
+        title="Q&A dataset",
+        description="JSONL, CSV or Parquet file inside the allowed data roots (data.allowed_roots).",
+    )
     format: Literal["auto", "jsonl", "csv", "parquet"] = "auto"
     allowed_roots: tuple[str, ...] = ("data",)
     eval_fraction: float = Field(0.1, gt=0.0, lt=1.0)
@@ -95,9 +102,17 @@ class TinyBaseConfig(_Section):
 
 
 class BaseConfig(_Section):
-    name_or_path: str = "models/tiny-base"
-    # `tiny`: build the embedded model at name_or_path when it is missing; `hub`: a hub id or local dir.
-    kind: Literal["tiny", "hub"] = "tiny"
+    name_or_path: str = Field(
+        "models/tiny-base",
+        min_length=1,
+        title="Base model",
+        description="Local directory or hub id, e.g. meta-llama/Llama-2-7b-chat-hf (set base kind: hub).",
+    )
+    kind: Literal["tiny", "hub"] = Field(
+        "tiny",
+        title="Base kind",
+        description="tiny: the embedded CPU model (built at the base model path if missing); hub: load as is.",
+    )
     revision: str | None = None
     trust_remote_code: bool = False
     allow_pickle_weights: bool = False
@@ -105,10 +120,15 @@ class BaseConfig(_Section):
 
 
 class LoraSection(_Section):
-    r: int = Field(8, gt=0, le=1024)
-    alpha: int = Field(16, gt=0)
-    dropout: float = Field(0.05, ge=0.0, lt=1.0)
-    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    r: int = Field(8, gt=0, le=1024, title="Rank r")
+    alpha: int = Field(16, gt=0, title="Alpha", description="scale = alpha / r")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, title="Dropout")
+    target_modules: tuple[str, ...] = Field(
+        ("q_proj", "v_proj"),
+        min_length=1,
+        title="Target modules",
+        description="Module names to adapt, one per line in the trigger form, e.g. q_proj, v_proj.",
+    )
     bias: Literal["none", "all", "lora_only"] = "none"
 
     @field_validator("target_modules", mode="before")
@@ -118,11 +138,16 @@ class LoraSection(_Section):
 
 
 class TrainConfig(_Section):
-    num_train_epochs: float = Field(3.0, gt=0.0)
-    max_steps: int = Field(-1, ge=-1)  # -1: run num_train_epochs; >0 overrides it
+    num_train_epochs: float = Field(3.0, gt=0.0, title="Epochs")
+    max_steps: int = Field(
+        -1,
+        ge=-1,
+        title="Max steps",
+        description="-1: train the epochs above; > 0: stop after this many optimizer steps.",
+    )
     per_device_train_batch_size: int = Field(16, ge=1)
     gradient_accumulation_steps: int = Field(1, ge=1)
-    learning_rate: float = Field(2e-3, gt=0.0, le=1.0)
+    learning_rate: float = Field(2e-3, gt=0.0, le=1.0, title="Learning rate")
     lr_scheduler_type: Literal[
         "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_min_lr"
     ] = "cosine"
@@ -136,7 +161,9 @@ class TrainConfig(_Section):
     logging_steps: int = Field(10, ge=1)
     save_steps: int = Field(50, ge=1)
     save_total_limit: int = Field(2, ge=1)
-    num_processes: int = Field(1, ge=1, le=64)
+    num_processes: int = Field(
+        1, ge=1, le=64, title="Processes (GPUs)", description="> 1 launches torchrun (DDP or FSDP)."
+    )
     distributed: Literal["ddp", "fsdp"] = "ddp"
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     gradient_checkpointing: Literal["auto"] | bool = "auto"
@@ -161,14 +188,29 @@ class EvalConfig(_Section):
 
 class GateConfig(_Section):
     primary_metric: RowMetric = "token_f1"
-    min_improvement: float = 0.0  # the CI's lower bound on candidate-minus-base must exceed this
-    max_regression: float = Field(0.02, ge=0.0)  # allowed drop vs the champion, per metric and slice
+    min_improvement: float = Field(
+        0.0,
+        title="Min improvement over base",
+        description="Lower CI bound of candidate - base on the primary metric must exceed this.",
+    )
+    # Metrics are fractions in [0, 1]: a drop over 1 cannot happen, so a larger value is a typo (2 for 2%).
+    max_regression: float = Field(
+        0.02,
+        ge=0.0,
+        le=1.0,
+        title="Max regression vs champion",
+        description="Allowed drop vs the champion, per primary metric and per slice (1.0: never blocks).",
+    )
     # mean: the observed drop decides; noninferiority: the CI's lower bound must stay above -max_regression
     regression_test: Literal["mean", "noninferiority"] = "mean"
     min_slice_size: int = Field(20, ge=1)
     min_eos_rate: float = Field(0.5, ge=0.0, le=1.0)
     max_empty_rate: float = Field(0.1, ge=0.0, le=1.0)
-    on_fail: Literal["skip", "fail"] = "skip"
+    on_fail: Literal["skip", "fail"] = Field(
+        "skip",
+        title="When the gate fails",
+        description="skip: export/register are skipped with the reason logged; fail: the run fails.",
+    )
 
 
 class ExportConfig(_Section):
@@ -178,6 +220,8 @@ class ExportConfig(_Section):
     parity_new_tokens: int = Field(16, ge=1)
     variants: tuple[Literal["fp16", "int8"], ...] = ()
     provider: Literal["auto", "MIGraphX", "ROCM", "CUDA", "CPU"] = "auto"
+    # a GPU provider that does not load fails the stage; true: warn, run on the CPU, record it
+    allow_cpu_fallback: bool = False
     # adapter-on-base vs merged: (W+BA)x and Wx+B(Ax) round differently, so not 0
     merge_atol: float = Field(1e-3, gt=0.0)
     # fp16/int8 vs fp32: share of (teacher-forced) positions with the same argmax token
@@ -188,8 +232,8 @@ class RegisterConfig(_Section):
     tracking_uri: str = "sqlite:///mlflow.db"
     experiment: str = "qa-lora"
     model_name: str = "qa-lora"
-    promote: bool = True
-    require_approval: bool = False
+    promote: bool = Field(True, title="Promote to champion if the gate passes")
+    require_approval: bool = Field(False, title="Require human approval before promotion")
 
 
 class RuntimeConfig(_Section):
@@ -371,6 +415,9 @@ def load_config(
 def save_config(cfg: Config, path: Path) -> Path:
     """Write the effective config (what a run actually used) as YAML."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    from tasks.core.redact import redact_obj
+
+    # credentials in a URI (tracking URI, DVC remote) must not reach a file every reader of the run sees
+    text = yaml.safe_dump(redact_obj(cfg.to_dict()), sort_keys=False)
     path.write_text(f"# effective config, params hash {cfg.params_hash()}\n{text}", encoding="utf-8")
     return path

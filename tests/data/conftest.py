@@ -46,6 +46,12 @@ def build_fixture_tokenizer(out: Path) -> Path:
         tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD, unk_token=UNK
     )
     fast.save_pretrained(out)
+    # A one-layer random Llama beside it: the stages resolve the base as a model directory
+    # (config.json + safetensors, tasks.plumbing.loading.resolve_base) before loading its tokenizer.
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    shape = {"hidden_size": 16, "intermediate_size": 32, "num_attention_heads": 2, "num_key_value_heads": 2}
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(fast), num_hidden_layers=1, **shape)).save_pretrained(out)
     return out
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ from qa_factory import qa_rows, write_jsonl
 
 from tasks.core.config import REPO_ROOT, Config
 from tasks.core.errors import UserError
-from tasks.stages.validate.stage import _near_duplicates, _shingles, _write_gx_project, validate_dataset
+from tasks.stages.validate import near_duplicates, shingles, validate_dataset, write_gx_project
 
 LONG_Q = (
     "Explain in detail how the quick brown fox jumps over the lazy dog near the river bank "
@@ -147,6 +148,7 @@ def test_missing_eos_after_templating_is_an_error(
 ) -> None:
     from transformers import AutoTokenizer
 
+    shutil.copytree(fixture_tokenizer, tmp_path / "tok")  # the fixture base, with a broken tokenizer
     broken = AutoTokenizer.from_pretrained(fixture_tokenizer)
     broken.eos_token = "<unk>"  # the template still ends with </s>: a template/tokenizer mismatch
     broken.save_pretrained(tmp_path / "tok")
@@ -200,9 +202,9 @@ def test_missing_tiny_base_says_how_to_build_it(tmp_path: Path, make_cfg: Callab
     with pytest.raises(UserError) as err:
         validate_dataset(cfg, tmp_path / "run")
     assert str(err.value) == (
-        f"{tmp_path / 'no-base'}: no tokenizer (base.name_or_path='{tmp_path / 'no-base'}'); "
-        "build the tiny base first: `qa-lora base`"
+        f"base.name_or_path: {tmp_path / 'no-base'} does not exist; run `qa-lora base` to build the tiny base"
     )
+    assert not (tmp_path / "run" / "data").exists()
 
 
 def test_committed_gx_project_matches_the_code(tmp_path: Path) -> None:
@@ -213,10 +215,10 @@ def test_committed_gx_project_matches_the_code(tmp_path: Path) -> None:
             for e in suite["expectations"]
         ]
 
-    fresh = _write_gx_project(tmp_path)
+    fresh = write_gx_project(tmp_path)
     assert expectations(REPO_ROOT / "gx" / "expectations" / "qa_rows.json") == expectations(
         fresh / "expectations" / "qa_rows.json"
-    ), "gx/ is stale: regenerate it with tasks.stages.validate._write_gx_project(REPO_ROOT)"
+    ), "gx/ is stale: regenerate it with tasks.stages.validate.write_gx_project(REPO_ROOT)"
     checkpoint = json.loads((REPO_ROOT / "gx" / "checkpoints" / "qa_rows.json").read_text())
     assert checkpoint["result_format"]["unexpected_index_column_names"] == ["line"]
 
@@ -233,9 +235,9 @@ def test_near_duplicates_match_brute_force() -> None:
             words = [rng.choice(vocab) for _ in range(rng.randint(2, 25))]
         texts.append(" ".join(words))
     threshold = 0.8
-    found = _near_duplicates(texts, threshold)
+    found = near_duplicates(texts, threshold)
 
-    sets = [_shingles(t) for t in texts]
+    sets = [shingles(t) for t in texts]
     kept: list[int] = []
     expected: dict[int, int] = {}
     for i, s in enumerate(sets):

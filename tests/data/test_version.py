@@ -3,16 +3,23 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from loopback_s3 import LoopbackS3, free_port
 
 import tasks.stages.version.stage
 from tasks.core.config import REPO_ROOT, Config
-from tasks.core.errors import UserError
+from tasks.core.errors import StoreUnavailable, UserError
 from tasks.stages.version import fetch_dataset, version_dataset
+
+REMOTE_NAME = (
+    "qa_lora"  # the remote the stage configures from data.dvc_remote (.dvc/config.local may add to it)
+)
 
 _GIT = ["git", "-c", "user.name=qa-lora-test", "-c", "user.email=test@example.invalid"]
 
@@ -124,3 +131,210 @@ def test_this_repository_is_a_dvc_project_with_a_local_default_remote() -> None:
         remote = repo.config["core"]["remote"]
         url = repo.config["remote"][remote]["url"]
     assert Path(url).resolve() == (REPO_ROOT / "dvc-remote").resolve()
+
+
+# ------------------------------------------------------------------------------- S3 remote (loopback)
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LoopbackS3]:
+    """A real S3-compatible server on loopback (moto, server mode, signatures checked)."""
+    server = LoopbackS3(tmp_path_factory.mktemp("moto") / "moto.log")
+    server.create_bucket(BUCKET)
+    yield server
+    server.stop()
+
+
+def _aws_env(monkeypatch: pytest.MonkeyPatch, s3: LoopbackS3, **changes: str) -> None:
+    for name, value in s3.env(**changes).items():
+        monkeypatch.setenv(name, value)
+
+
+BUCKET = "qa-lora-data"
+
+
+def test_s3_remote_round_trip_push_then_pull_into_a_clean_clone(
+    tmp_path: Path,
+    origin: Path,
+    make_cfg: Callable[..., Config],
+    s3: LoopbackS3,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    _aws_env(monkeypatch, s3)
+    remote = f"s3://{BUCKET}/round-trip"
+    cfg = make_cfg(tmp_path / "x.jsonl", ("data.dvc_remote", remote))
+    run_dir = _split(tmp_path / "run", '{"id": "1"}\n', '{"id": "2"}\n')
+    result = version_dataset(cfg, run_dir)
+    assert result["remote"] == remote and result["pushed_objects"] == 3
+    stored = s3.objects(BUCKET)
+    md5 = result["dataset_hash"]
+    assert f"round-trip/files/md5/{md5[:2]}/{md5[2:]}" in stored  # the directory object itself
+    assert {k for k in stored if k.startswith("round-trip/")} == {
+        f"round-trip/files/md5/{h[:2]}/{h[2:]}" for h in [md5, *result["files"].values()]
+    }
+
+    clone = tmp_path / "clone"
+    subprocess.run([*_GIT, "clone", "-q", str(origin), str(clone)], check=True)
+    out = fetch_dataset(cfg, md5, tmp_path / "restored", repo_root=clone)
+    for name in ("train.jsonl", "eval.jsonl"):
+        assert (out / name).read_bytes() == (run_dir / "data" / name).read_bytes()
+
+
+def test_s3_credentials_from_the_local_dvc_config_not_params(
+    tmp_path: Path,
+    origin: Path,
+    make_cfg: Callable[..., Config],
+    s3: LoopbackS3,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """What the README tells users: the URL in params, the credentials in `.dvc/config.local`
+    (`dvc remote modify --local qa_lora credentialpath ...`), which git never sees."""
+    env = s3.env()
+    # dvc-s3 applies credentialpath only where AWS_SHARED_CREDENTIALS_FILE is unset, and then sets it in
+    # this process: setenv-then-delenv makes monkeypatch restore the variable afterwards
+    for name in (
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_ENDPOINT_URL",
+        "AWS_SHARED_CREDENTIALS_FILE",
+    ):
+        monkeypatch.setenv(name, "unset")
+        monkeypatch.delenv(name)
+    for name in ("AWS_DEFAULT_REGION", "AWS_CONFIG_FILE", "AWS_EC2_METADATA_DISABLED"):
+        monkeypatch.setenv(name, env[name])
+    creds = tmp_path / "aws-credentials"
+    creds.write_text(
+        f"[default]\naws_access_key_id = {s3.access_key_id}\naws_secret_access_key = {s3.secret_access_key}\n"
+    )
+    remote = f"s3://{BUCKET}/local-config"
+    for key, value in (("url", remote), ("credentialpath", str(creds)), ("endpointurl", s3.url)):
+        args = ["remote", "add", "--local", REMOTE_NAME, value] if key == "url" else None
+        args = args or ["remote", "modify", "--local", REMOTE_NAME, key, value]
+        done = subprocess.run(
+            [sys.executable, "-m", "dvc", *args], cwd=origin, capture_output=True, text=True, check=False
+        )
+        assert done.returncode == 0, done.stderr
+    assert "credentialpath" not in (origin / ".dvc" / "config").read_text()
+    cfg = make_cfg(tmp_path / "x.jsonl", ("data.dvc_remote", remote))
+    result = version_dataset(cfg, _split(tmp_path / "run", "t\n", "e\n"))
+    assert result["pushed_objects"] == 3
+    assert f"local-config/files/md5/{result['dataset_hash'][:2]}/{result['dataset_hash'][2:]}" in s3.objects(
+        BUCKET
+    )
+
+
+def _closed_endpoint() -> str:
+    return f"http://127.0.0.1:{free_port()}"
+
+
+# case, remote, env changes, the store's reason (None: filled in from the closed endpoint)
+S3_FAULTS = [
+    ("missing-bucket", "s3://qa-lora-no-such-bucket/dvc", {}, "The specified bucket does not exist"),
+    (
+        "wrong-secret",
+        f"s3://{BUCKET}/faults",
+        {"AWS_SECRET_ACCESS_KEY": "not-the-secret-key-0123456789"},
+        "The request signature we calculated does not match the signature you provided. "
+        "Check your key and signing method.",
+    ),
+    (
+        "unknown-key-id",
+        f"s3://{BUCKET}/faults",
+        {"AWS_ACCESS_KEY_ID": "AKIANOSUCHKEY0000000"},
+        "The AWS Access Key Id you provided does not exist in our records.",
+    ),
+    ("unreachable-endpoint", f"s3://{BUCKET}/faults", {"AWS_ENDPOINT_URL": "closed"}, None),
+]
+
+
+@pytest.mark.parametrize(("case", "remote", "changes", "reason"), S3_FAULTS, ids=[c[0] for c in S3_FAULTS])
+def test_s3_push_faults_are_one_line_store_errors(
+    tmp_path: Path,
+    origin: Path,
+    make_cfg: Callable[..., Config],
+    s3: LoopbackS3,
+    monkeypatch: pytest.MonkeyPatch,
+    case: str,
+    remote: str,
+    changes: dict[str, str],
+    reason: str | None,
+) -> None:
+    if changes.get("AWS_ENDPOINT_URL") == "closed":
+        changes = {"AWS_ENDPOINT_URL": _closed_endpoint(), "AWS_MAX_ATTEMPTS": "1"}
+        reason = f'Could not connect to the endpoint URL: "{changes["AWS_ENDPOINT_URL"]}/{BUCKET}"'
+    _aws_env(monkeypatch, s3, **changes)
+    run_dir = _split(tmp_path / "run", f"{case}\n", "e\n")
+    with pytest.raises(StoreUnavailable) as err:
+        version_dataset(make_cfg(tmp_path / "x.jsonl", ("data.dvc_remote", remote)), run_dir)
+    assert str(err.value) == f"data.dvc_remote='{remote}': push to {remote} failed: {reason}"
+    assert not (run_dir / "version.json").exists()
+
+
+PULL_FAULTS = [
+    ("missing-bucket", "s3://qa-lora-no-such-bucket/dvc", {}, "The specified bucket does not exist"),
+    # S3 answers a HEAD with a bad signature by a bare 403: no body, so no more detail than this
+    ("wrong-secret", None, {"AWS_SECRET_ACCESS_KEY": "not-the-secret-key-0123456789"}, "Forbidden"),
+    ("unreachable-endpoint", None, {"AWS_ENDPOINT_URL": "closed"}, None),
+]
+
+
+@pytest.mark.parametrize(
+    ("case", "remote", "changes", "reason"), PULL_FAULTS, ids=[c[0] for c in PULL_FAULTS]
+)
+def test_s3_pull_faults_are_one_line_store_errors_and_unknown_hashes_user_errors(
+    tmp_path: Path,
+    origin: Path,
+    make_cfg: Callable[..., Config],
+    s3: LoopbackS3,
+    monkeypatch: pytest.MonkeyPatch,
+    case: str,
+    remote: str | None,
+    changes: dict[str, str],
+    reason: str | None,
+) -> None:
+    _aws_env(monkeypatch, s3)
+    pushed_to = f"s3://{BUCKET}/pull-faults"
+    version = version_dataset(
+        make_cfg(tmp_path / "x.jsonl", ("data.dvc_remote", pushed_to)), _split(tmp_path / "run", "p\n", "e\n")
+    )
+    shutil.rmtree(origin / ".dvc" / "cache")  # only the remote has the data now
+    remote = remote or pushed_to
+    cfg = make_cfg(tmp_path / "x.jsonl", ("data.dvc_remote", remote))
+    # control: with the right settings an unknown hash is the user's mistake, not the store's
+    if remote == pushed_to:
+        with pytest.raises(UserError) as miss:
+            fetch_dataset(cfg, "f" * 32, tmp_path / "out")
+        assert not isinstance(miss.value, StoreUnavailable)
+        assert str(miss.value) == f"dataset {'f' * 32}.dir: not found in the DVC remote {remote}"
+    if changes.get("AWS_ENDPOINT_URL") == "closed":
+        changes = {"AWS_ENDPOINT_URL": _closed_endpoint(), "AWS_MAX_ATTEMPTS": "1"}
+        reason = f'Could not connect to the endpoint URL: "{changes["AWS_ENDPOINT_URL"]}/{BUCKET}"'
+    _aws_env(monkeypatch, s3, **changes)
+    with pytest.raises(StoreUnavailable) as err:
+        fetch_dataset(cfg, version["dataset_hash"], tmp_path / "out")
+    assert str(err.value) == f"data.dvc_remote='{remote}': pull from {remote} failed: {reason}"
+    assert not (tmp_path / "out").exists()
+
+
+def test_credentials_in_the_remote_url_never_reach_a_message(
+    tmp_path: Path, origin: Path, make_cfg: Callable[..., Config], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A remote URL with user-info (discouraged, but possible): push and pull fail on a closed port, and
+    neither the error nor any log record shows the password."""
+    endpoint = _closed_endpoint()
+    remote = f"https://bob:DvcRemotePw-5e1f@{endpoint.removeprefix('http://')}/remote"
+    shown = f"https://***@{endpoint.removeprefix('http://')}/remote"
+    port = endpoint.rsplit(":", 1)[1]
+    cfg = make_cfg(tmp_path / "x.jsonl", ("data.dvc_remote", remote))
+    with pytest.raises(StoreUnavailable) as push:
+        version_dataset(cfg, _split(tmp_path / "run", "t\n", "e\n"))
+    assert str(push.value) == (
+        f"data.dvc_remote='{shown}': push to {shown} failed (3 object(s) failed): "
+        f"Cannot connect to host 127.0.0.1:{port} ssl:default [Connect call failed ('127.0.0.1', {port})]"
+    )
+    with pytest.raises(StoreUnavailable) as pull:
+        fetch_dataset(cfg, "a" * 32, tmp_path / "out")
+    assert str(pull.value) == (
+        f"data.dvc_remote='{shown}': pull from {shown} failed: [Errno 111] Connect call failed ('127.0.0.1', {port})"
+    )
+    assert "DvcRemotePw-5e1f" not in caplog.text

@@ -94,6 +94,31 @@ def test_out_of_range_and_enum(tmp_path: Path) -> None:
         load_config(overrides=["lora.r=0"])
 
 
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        (("gate.max_regression", 1.5), r"gate\.max_regression: input should be less than or equal to 1"),
+        (("data.source", ""), r"data\.source: string should have at least 1 character"),
+        (("base.name_or_path", ""), r"base\.name_or_path: string should have at least 1 character"),
+        (("lora.target_modules", []), r"lora\.target_modules: .*at least 1 item"),
+        (("lora.dropout", 1.0), r"lora\.dropout: input should be less than 1"),
+    ],
+)
+def test_bounds_the_trigger_form_shares(override: tuple[str, object], message: str) -> None:
+    """The bounds the trigger form is generated from (tests/dags/test_trigger_form.py) hold for every source."""
+    with pytest.raises(UserError, match=message):
+        load_config(overrides=[override])
+
+
+def test_form_fields_declare_a_title_once() -> None:
+    """Titles and descriptions live on the config fields; the trigger form shows them as they are."""
+    from tasks.core.config import GateConfig, LoraSection
+
+    assert LoraSection.model_fields["r"].title == "Rank r"
+    assert GateConfig.model_json_schema()["properties"]["on_fail"]["enum"] == ["skip", "fail"]
+    assert GateConfig.model_fields["max_regression"].description
+
+
 def test_overrides_are_typed_like_the_file() -> None:
     cfg = load_config(
         overrides=[
