@@ -11,3 +11,10 @@ class StoreUnavailable(UserError):
     Often transient (a server restarting, a network blip): the CLI reports it like any user error (one
     line, exit 2), while the DAG lets Airflow retry the task instead of failing it at once.
     """
+
+
+class StoreDamaged(UserError):
+    """A tracking store that is reachable but damaged, half-migrated or incompatible; names the repair.
+
+    Not a :class:`StoreUnavailable`: no retry can fix it, so the DAG fails the task once.
+    """

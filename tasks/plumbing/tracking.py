@@ -2,17 +2,23 @@
 
 A relative `sqlite:///mlflow.db` in params would otherwise depend on the working directory of whoever
 runs the stage (an Airflow worker, `dvc repro`, a test), splitting one registry into several.
+A SQLite store is created, upgraded and checked by `tasks.plumbing.sqlite_store` before MLflow opens it,
+so a kill at any moment leaves no store, a complete one, or a damaged one that is named, never used.
 """
 
 from __future__ import annotations
 
 import os
+import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from tasks.core.config import REPO_ROOT, Config
-from tasks.core.errors import StoreUnavailable, UserError
+from tasks.core.errors import StoreDamaged, StoreUnavailable, UserError
+from tasks.core.redact import redact, redact_uri
+from tasks.plumbing.sqlite_store import ensure_store, sqlite_path, store_lock
 
 SUPPORTED_SCHEMES = ("sqlite", "http", "https", "databricks", "postgresql", "mysql", "file")
 
@@ -53,6 +59,9 @@ def setup_mlflow(cfg: Config) -> str:
     mlflow.set_registry_uri(uri)
     try:
         with _first_use_lock(uri):
+            db = sqlite_path(uri)
+            if db is not None:
+                ensure_store(db)  # before MLflow could create or migrate it in place
             client = mlflow.MlflowClient()
             exp = client.get_experiment_by_name(cfg.register.experiment)
             if exp is None:
@@ -62,11 +71,19 @@ def setup_mlflow(cfg: Config) -> str:
                 )
             else:
                 exp_id = exp.experiment_id
-    except (MlflowException, SQLAlchemyError, OSError) as exc:
+    except (MlflowException, SQLAlchemyError, sqlite3.Error, OSError) as exc:
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        if "out-of-date database schema" in reason:  # a server database MLflow will not migrate itself
+            raise StoreDamaged(
+                redact(
+                    f"register.tracking_uri={cfg.register.tracking_uri!r}: the store is incompatible ({reason})"
+                )
+            ) from None
         raise StoreUnavailable(
-            f"register.tracking_uri={cfg.register.tracking_uri!r}: the MLflow store {uri} is unavailable "
-            f"({type(exc).__name__}: {reason})"
+            redact(
+                f"register.tracking_uri={cfg.register.tracking_uri!r}: the MLflow store {uri} is unavailable "
+                f"({type(exc).__name__}: {reason})"
+            )
         ) from None
     mlflow.set_experiment(experiment_id=exp_id)
     return exp_id
@@ -74,14 +91,37 @@ def setup_mlflow(cfg: Config) -> str:
 
 @contextmanager
 def _first_use_lock(uri: str) -> Iterator[None]:
-    """Serialise opening a SQLite store: MLflow creates/migrates its schema on first use, and two
-    processes doing that at once fail ("duplicate column name"); so would two creating the experiment."""
-    if not uri.startswith("sqlite:///"):
+    """Serialise opening a SQLite store: creating or migrating its schema, and creating the experiment
+    (two processes doing either at once fail: "duplicate column name", "already exists")."""
+    db = sqlite_path(uri)
+    if db is None:
         yield
         return
-    from filelock import FileLock
-
-    path = Path(uri[len("sqlite:///") :]).with_suffix(".setup.lock")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(path), timeout=600):
+    with store_lock(db):
         yield
+
+
+def repair_registry(cfg: Config) -> dict[str, Any]:
+    """`qa-lora registry repair`: restore or finish the migration of a damaged SQLite store, with proof.
+
+    Args:
+        cfg: the configuration (`register.tracking_uri`).
+
+    Returns:
+        What was done and the number of models, versions, aliases, tags and runs there afterwards.
+
+    Raises:
+        UserError: the store is not a SQLite file (a server database is repaired with `mlflow db upgrade`
+            from its own backup).
+        StoreDamaged: it could not be repaired without losing a fact (it is left as it was).
+    """
+    from tasks.plumbing.store_repair import repair_store
+
+    uri = resolve_tracking_uri(cfg.register.tracking_uri)
+    db = sqlite_path(uri)
+    if db is None:
+        raise UserError(
+            f"register.tracking_uri={redact_uri(uri)!r}: `qa-lora registry repair` repairs a sqlite:/// store; "
+            "for a server database restore its backup and run `mlflow db upgrade`"
+        )
+    return repair_store(db)

@@ -174,7 +174,7 @@ def test_failed_or_missing_gate_registers_nothing(cfg_for: Any, tmp_path: Path) 
         register_model(cfg, failed)
     missing = make_run(tmp_path, "nogate")
     (missing / "eval/gate.json").unlink()
-    with pytest.raises(UserError, match=r"gate\.json: missing"):
+    with pytest.raises(UserError, match=r"gate\.json: not found"):
         register_model(cfg, missing)
     assert _versions(cfg.register.model_name) == []
     assert not (failed / "register").exists() and not (missing / "register").exists()

@@ -1,11 +1,8 @@
-"""The register stage (see stage.py for what it does, step by step)."""
+"""The register stage: `register_model` (stage.py), champion moves (champion.py), the MLflow upload
+(upload.py) and the run's lineage (lineage.py). `fetch_champion` lives in tasks.plumbing.registry."""
 
-from tasks.stages.register.stage import (
-    fetch_champion,
-    promote_run,
-    promote_version,
-    register_model,
-    rollback_champion,
-)
+from tasks.plumbing.registry import fetch_champion
+from tasks.stages.register.champion import promote_version, rollback_champion
+from tasks.stages.register.stage import promote_run, register_model
 
 __all__ = ["fetch_champion", "promote_run", "promote_version", "register_model", "rollback_champion"]
