@@ -6,7 +6,10 @@ Every text the project writes where a person or another tool can read it goes th
 and XCom values. It removes
 * the user-info of a URI (`scheme://user:password@host` -> `scheme://***@host`),
 * secret-looking query parameters (`?token=...`, `sig=`, `X-Amz-Signature=`, ... -> `=***`),
-* the values of known secret environment variables wherever they appear verbatim.
+* bearer tokens (`Authorization: Bearer ...`) and Hugging Face hub tokens (`hf_...`),
+* the values of known secret environment variables wherever they appear verbatim,
+* a password once seen in a URI's user-info, wherever it appears later in this process (a library may
+  quote the netloc or the password alone, e.g. in a connection error).
 """
 
 from __future__ import annotations
@@ -18,8 +21,12 @@ from typing import Any
 
 MASK = "***"
 
-# scheme://user[:password]@host  -> scheme://***@host (user names can identify accounts, too)
-_USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^/\s@'\"<>]+)@")
+# scheme://user[:password]@host  -> scheme://***@host (user names can identify accounts, too). The
+# user-info runs to the LAST "@" of the authority (which ends at / ? # or a space), so an unencoded
+# "@" inside a password does not leave its tail behind.
+_USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^/?#\s'\"<>]+)@")
+_BEARER = re.compile(r"(?P<name>\bBearer\s+)[A-Za-z0-9._~+/=-]{8,}", re.I)
+_HF_TOKEN = re.compile(r"\bhf_[A-Za-z0-9]{20,}\b")
 _SECRET_PARAMS = (
     "token",
     "access_token",
@@ -53,6 +60,8 @@ SECRET_ENV_NAMES = (
 )
 _SECRET_ENV_PATTERN = re.compile(r"(PASSWORD|SECRET|TOKEN|PRIVATE_KEY|ACCESS_KEY)$")
 _MIN_SECRET_LEN = 6  # shorter values would mask ordinary words
+# Passwords seen in URI user-info during this process (see the module docstring).
+_SEEN_PASSWORDS: set[str] = set()
 
 
 def secret_env_values(environ: dict[str, str] | None = None) -> list[str]:
@@ -67,11 +76,24 @@ def redact(text: str, extra_secrets: Iterable[str] = ()) -> str:
     """`text` with URI user-info, secret query values and known secret values masked."""
     if not text:
         return text
-    out = _USERINFO.sub(lambda m: f"{m['scheme']}{MASK}@", text)
+    out = _USERINFO.sub(_mask_userinfo, text)
     out = _QUERY.sub(lambda m: f"{m['name']}={MASK}", out)
-    for secret in [*secret_env_values(), *(s for s in extra_secrets if s and len(s) >= _MIN_SECRET_LEN)]:
+    out = _BEARER.sub(lambda m: f"{m['name']}{MASK}", out)
+    out = _HF_TOKEN.sub(MASK, out)
+    extra = [s for s in extra_secrets if s and len(s) >= _MIN_SECRET_LEN]
+    for secret in sorted({*secret_env_values(), *_SEEN_PASSWORDS, *extra}, key=len, reverse=True):
         out = out.replace(secret, MASK)
     return out
+
+
+def _mask_userinfo(match: re.Match[str]) -> str:
+    """Mask one URI's user-info and remember its password for later, bare occurrences."""
+    from urllib.parse import unquote
+
+    _, sep, password = match["userinfo"].partition(":")
+    if sep and len(password) >= _MIN_SECRET_LEN:
+        _SEEN_PASSWORDS.update({password, unquote(password)})
+    return f"{match['scheme']}{MASK}@"
 
 
 def redact_uri(uri: str | None) -> str | None:

@@ -16,7 +16,13 @@ How this coexists with dvc.yaml and a gitignored `runs/`:
 - The remote is `data.dvc_remote` from params (the one config): a local directory (relative to the
   repository root; default dvc-remote/, gitignored, the same place .dvc/config's default remote
   `local` names for plain `dvc push`), or any URL DVC supports (s3://, gs://, azure://, ...), passed
-  as is. Cloud remotes need the matching extra (e.g. `pip install dvc[s3]`).
+  as is. S3 needs this project's `s3` extra (dvc-s3). Credentials never go in the URL: they come from
+  the store's own variables (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL for an
+  S3-compatible server) or from `.dvc/config.local` (`dvc remote modify --local qa_lora
+  credentialpath ...`). Every message, log line and version.json shows the remote redacted.
+- A remote that cannot be reached, a missing bucket or refused credentials raise StoreUnavailable (one
+  line naming the remote and the store's reason; Airflow retries it); a version the remote does not
+  hold is a UserError.
 
 :func:`fetch_dataset` brings a version back by hash from the remote into any DVC repository (for
 example a fresh clone with an empty cache), which is how a past model's training data is recovered.
@@ -35,10 +41,13 @@ from typing import Any
 from tasks.core.artifacts import atomic_dir, write_json_atomic
 from tasks.core.config import REPO_ROOT, Config
 from tasks.core.errors import StoreUnavailable, UserError
+from tasks.core.redact import redact, redact_uri
 
 log = logging.getLogger("qa_lora.version")
 
-_REMOTE = "qa_lora"  # name of the remote, configured per call from data.dvc_remote
+# The DVC remote configured per call from data.dvc_remote; `.dvc/config.local` may add its credentials
+# (`dvc remote modify --local qa_lora credentialpath ...`), which DVC merges under the URL.
+REMOTE_NAME = "qa_lora"
 _URI_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 _HASH_RE = re.compile(r"^[0-9a-f]{32}(\.dir)?$")
 EXPECTED_FILES = ("train.jsonl", "eval.jsonl")
@@ -56,7 +65,8 @@ def version_dataset(cfg: Config, run_dir: Path) -> dict[str, Any]:
         "nfiles", "size"}; the same dict is written to run_dir/version.json.
 
     Raises:
-        UserError: no validated split (run `qa-lora validate` first), no DVC project, or a failed push.
+        UserError: no validated split (run `qa-lora validate` first) or no DVC project.
+        StoreUnavailable: the remote cannot be reached or written (endpoint, bucket, credentials).
     """
     from dvc_data.hashfile.build import build
     from dvc_data.hashfile.transfer import transfer
@@ -73,21 +83,15 @@ def version_dataset(cfg: Config, run_dir: Path) -> dict[str, Any]:
         cache = repo.cache.local
         staging, meta, obj = build(cache, str(data_dir.resolve()), LocalFileSystem(), "md5")
         transfer(staging, cache, {obj.hash_info}, shallow=False)
-        try:
-            odb = repo.cloud.get_remote_odb(_REMOTE, "push")
+        with _remote_errors(cfg, "push to", remote) as errors:
+            odb = repo.cloud.get_remote_odb(REMOTE_NAME, "push")
             result = transfer(cache, odb, {obj.hash_info}, shallow=False)
-        except Exception as exc:  # DVC raises filesystem-specific errors (permissions, credentials)
-            raise StoreUnavailable(
-                f"data.dvc_remote={cfg.data.dvc_remote!r}: push to {remote} failed ({exc})"
-            ) from None
         if result.failed:
-            raise StoreUnavailable(
-                f"data.dvc_remote={cfg.data.dvc_remote!r}: {len(result.failed)} object(s) failed to push to {remote}"
-            )
+            raise _store_unavailable(cfg, "push to", remote, errors.first, len(result.failed))
         files = {"/".join(key): entry.value for key, _, entry in obj}
     payload = {
         "dataset_hash": obj.hash_info.value,
-        "remote": remote,
+        "remote": redact_uri(remote),
         "hash_name": "md5",
         "files": files,
         "nfiles": meta.nfiles,
@@ -95,7 +99,7 @@ def version_dataset(cfg: Config, run_dir: Path) -> dict[str, Any]:
         "pushed_objects": len(result.transferred),
     }
     write_json_atomic(Path(run_dir) / "version.json", payload)
-    log.info("dataset %s (%d files) pushed to %s", payload["dataset_hash"], len(files), remote)
+    log.info("dataset %s (%d files) pushed to %s", payload["dataset_hash"], len(files), redact_uri(remote))
     return payload
 
 
@@ -113,6 +117,7 @@ def fetch_dataset(cfg: Config, dataset_hash: str, dest: Path, repo_root: Path | 
 
     Raises:
         UserError: a malformed hash, or a version the remote does not hold.
+        StoreUnavailable: the remote cannot be reached or read (endpoint, bucket, credentials).
     """
     from dvc_data.hashfile import load
     from dvc_data.hashfile.checkout import checkout
@@ -127,20 +132,96 @@ def fetch_dataset(cfg: Config, dataset_hash: str, dest: Path, repo_root: Path | 
     with _open_repo(Path(repo_root) if repo_root else REPO_ROOT, remote) as repo:
         cache = repo.cache.local
         hash_info = HashInfo("md5", value)
-        odb = repo.cloud.get_remote_odb(_REMOTE, "pull")
         try:
-            result = transfer(odb, cache, {hash_info}, shallow=False)
-            obj = load(cache, hash_info)
-        except (FileNotFoundError, OSError) as exc:
-            raise UserError(f"dataset {value}: not found in the DVC remote {remote} ({exc})") from None
+            with _remote_errors(cfg, "pull from", remote) as errors:
+                odb = repo.cloud.get_remote_odb(REMOTE_NAME, "pull")
+                result = transfer(odb, cache, {hash_info}, shallow=False)
+        except StoreUnavailable as exc:
+            missing = exc.__cause__
+            if not isinstance(missing, FileNotFoundError):
+                raise
+            fault = _store_fault(missing)
+            if fault is not None:
+                raise _store_unavailable(cfg, "pull from", remote, fault) from fault
+            # the store answered, and it does not hold this version: the hash is wrong, not the store
+            raise UserError(f"dataset {value}: not found in the DVC remote {redact_uri(remote)}") from None
         if result.failed:
-            raise UserError(
-                f"dataset {value}: {len(result.failed)} object(s) missing in the DVC remote {remote}"
-            )
+            raise _store_unavailable(cfg, "pull from", remote, errors.first, len(result.failed))
+        obj = load(cache, hash_info)
         with atomic_dir(Path(dest)) as tmp:
             checkout(str(tmp), LocalFileSystem(), obj, cache, force=True)
-    log.info("dataset %s fetched from %s into %s", value, remote, dest)
+    log.info("dataset %s fetched from %s into %s", value, redact_uri(remote), dest)
     return Path(dest)
+
+
+class _FirstError:
+    """The first per-object failure DVC reported during a transfer (DVC logs those instead of raising)."""
+
+    first: BaseException | None = None
+
+
+class _CollectTransferErrors(logging.Filter):
+    """Keeps the first exception of dvc_data's "failed to transfer" records and drops the records: the
+    stage's one-line error names the reason, and the log holds no per-object traceback."""
+
+    def __init__(self, sink: _FirstError) -> None:
+        super().__init__()
+        self.sink = sink
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[1] is not None:
+            self.sink.first = self.sink.first or record.exc_info[1]
+            return False
+        return True
+
+
+@contextmanager
+def _remote_errors(cfg: Config, action: str, remote: str) -> Iterator[_FirstError]:
+    """Turn any failure inside the block into StoreUnavailable naming the (redacted) remote.
+
+    DVC raises filesystem-specific errors (botocore, aiohttp, OSError) for a missing bucket, an
+    unreachable endpoint or refused credentials; it reports per-object failures through its logger,
+    collected here into the yielded holder's `first`.
+    """
+    sink = _FirstError()
+    transfer_log = logging.getLogger("dvc_data.hashfile.transfer")
+    collector = _CollectTransferErrors(sink)
+    transfer_log.addFilter(collector)
+    try:
+        yield sink
+    except Exception as exc:
+        raise _store_unavailable(cfg, action, remote, exc) from exc
+    finally:
+        transfer_log.removeFilter(collector)
+
+
+def _store_unavailable(
+    cfg: Config, action: str, remote: str, exc: BaseException | None, failed: int = 0
+) -> StoreUnavailable:
+    """One line: the key as given, what failed where, and the store's own reason (all redacted)."""
+    reason = " ".join(str(exc).split()) if exc is not None else ""
+    reason = reason or (type(exc).__name__ if exc is not None else "no reason given")
+    objects = f" ({failed} object(s) failed)" if failed else ""
+    return StoreUnavailable(
+        redact(f"data.dvc_remote={cfg.data.dvc_remote!r}: {action} {remote} failed{objects}: {reason[:300]}")
+    )
+
+
+def _store_fault(missing: FileNotFoundError) -> BaseException | None:
+    """What under a FileNotFoundError shows that the store itself is absent or unreachable.
+
+    Filesystems report both as "not found": s3fs turns NoSuchBucket into FileNotFoundError, fsspec's
+    HTTP filesystem turns a refused connection into one. Only a bare miss means the version is absent.
+    """
+    cause: BaseException | None = missing
+    while cause is not None:
+        response = getattr(cause, "response", None)
+        if isinstance(response, dict) and response.get("Error", {}).get("Code") == "NoSuchBucket":
+            return missing
+        if isinstance(cause, (ConnectionError, TimeoutError)):
+            return cause
+        cause = cause.__cause__ or cause.__context__
+    return None
 
 
 def _remote_url(cfg: Config) -> str:
@@ -159,7 +240,9 @@ def _open_repo(root: Path, remote: str) -> Iterator[Any]:
     if not (root / ".dvc").is_dir():
         raise UserError(f"{root}: not a DVC project (no .dvc/); run `dvc init` there")
     try:
-        repo = Repo(str(root), config={"core": {"remote": _REMOTE}, "remote": {_REMOTE: {"url": remote}}})
+        repo = Repo(
+            str(root), config={"core": {"remote": REMOTE_NAME}, "remote": {REMOTE_NAME: {"url": remote}}}
+        )
     except NotDvcRepoError as exc:
         raise UserError(f"{root}: not a DVC project ({exc})") from None
     try:
