@@ -265,7 +265,7 @@ def _tiny_check(tmp: Path, device: str, quick: bool) -> dict[str, Any]:
     generation on the GPU): the two precisions should land on about the same eval loss and F1.
     """
     from benchmarks.common import write_split
-    from tasks.stages.evaluate import evaluate_candidate
+    from tasks.stages.evaluate import evaluate_against
     from tasks.stages.train import train_adapter
 
     out: dict[str, Any] = {}
@@ -285,7 +285,7 @@ def _tiny_check(tmp: Path, device: str, quick: bool) -> dict[str, Any]:
         train_s = time.perf_counter() - t
         summary = json.loads(Path(train["summary"]).read_text())
         t = time.perf_counter()
-        gate = evaluate_candidate(cfg, run_dir, _champion=None)
+        gate = evaluate_against(cfg, run_dir, champion=None)  # no registry on the GPU machine
         out[precision] = {
             "precision_used": summary.get("precision"),
             "steps": summary.get("steps"),

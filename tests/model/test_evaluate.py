@@ -1,4 +1,8 @@
-"""The evaluate stage on the tiny base: real adapters, real generation, the gate's decisions on disk."""
+"""The evaluate stage on the tiny base: real adapters, real generation, the gate's decisions on disk.
+
+The champion comes from a real (empty) MLflow registry here; the champion rule against a registered
+champion is tested in test_gate_champion.py.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +16,7 @@ import pytest
 
 from tasks.core.config import Config, load_config
 from tasks.core.errors import UserError
-from tasks.stages.evaluate import evaluate_candidate
+from tasks.stages.evaluate import evaluate_against, evaluate_candidate
 
 # Two categories whose answers follow a fixed pattern: a few dozen LoRA steps learn them, the
 # pretrained-only base cannot produce them.
@@ -84,27 +88,15 @@ def _train(tmp: Path, base: Path, name: str, train_rows: list, eval_rows: list, 
     return adapter
 
 
-def _merge(base: Path, adapter: Path, out: Path) -> Path:
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = PeftModel.from_pretrained(
-        AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), adapter
-    )
-    model.merge_and_unload().save_pretrained(out)
-    AutoTokenizer.from_pretrained(adapter).save_pretrained(out)
-    return out
-
-
-def _cfg(tmp: Path, base: Path, **extra: Any) -> Config:
+def _cfg(tmp: Path, adapters: dict[str, Any], **extra: Any) -> Config:
+    """Evaluation settings for one test; the champion comes from the module's (empty) registry."""
     overrides = {
-        "base.name_or_path": str(base),
+        "base.name_or_path": str(adapters["base"]),
         "eval.cache_dir": str(tmp / "cache"),
         "eval.max_new_tokens": 20,
         "eval.batch_size": 16,
         "eval.bootstrap_samples": 300,
-        "register.tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}",
+        "register.tracking_uri": adapters["registry"],
         "runtime.device": "cpu",
         **extra,
     }
@@ -124,25 +116,22 @@ def adapters(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[
     tmp = tmp_path_factory.mktemp("adapters")
     train_rows, eval_rows = _dataset()
     good = _train(tmp, tiny_base, "good", train_rows, eval_rows)
-    only_returns = [r for r in train_rows if r["category"] == "returns"]
-    one_slice = _train(tmp, tiny_base, "one_slice", only_returns, eval_rows)
     # Sabotage: a learning rate of ~0 leaves the adapter's B matrices at their zero init.
     untrained = _train(tmp, tiny_base, "untrained", train_rows, eval_rows, max_steps=2, learning_rate=1e-12)
     return {
         "base": tiny_base,
+        "registry": f"sqlite:///{tmp / 'mlflow.db'}",  # no model registered: no champion
         "eval_rows": eval_rows,
         "good": good,
-        "one_slice": one_slice,
         "untrained": untrained,
-        "champion_merged": _merge(tiny_base, good, tmp / "champion_merged"),
     }
 
 
 @pytest.mark.slow
 def test_good_candidate_passes_and_writes_every_artifact(adapters: dict[str, Any], tmp_path: Path) -> None:
-    cfg = _cfg(tmp_path, adapters["base"])
+    cfg = _cfg(tmp_path, adapters)
     run_dir = _run_dir(tmp_path, "run", adapters["eval_rows"], adapters["good"])
-    result = evaluate_candidate(cfg, run_dir, _champion=None)
+    result = evaluate_candidate(cfg, run_dir)
 
     assert result["passed"] and result["decision"] == "pass", result["reasons"]
     assert result["candidate"]["token_f1"] > result["base"]["token_f1"]
@@ -182,16 +171,20 @@ def test_good_candidate_passes_and_writes_every_artifact(adapters: dict[str, Any
 
     # Second run: every model comes from the cache, and the decision and numbers are identical
     # (the bootstrap is seeded).
-    again = evaluate_candidate(cfg, run_dir, _champion=None)
+    again = evaluate_candidate(cfg, run_dir)
     assert again["cache"] == {"base": "hit", "candidate": "hit"}
+    assert json.loads((eval_dir / "gate.json").read_text()) == gate
+    # Naming no champion explicitly (what a benchmark without a registry does) decides the same.
+    explicit = evaluate_against(cfg, run_dir, champion=None)
+    assert explicit["cache"] == again["cache"] and explicit["reasons"] == again["reasons"]
     assert json.loads((eval_dir / "gate.json").read_text()) == gate
 
 
 @pytest.mark.slow
 def test_untrained_adapter_fails_naming_the_metric(adapters: dict[str, Any], tmp_path: Path) -> None:
-    cfg = _cfg(tmp_path, adapters["base"])
+    cfg = _cfg(tmp_path, adapters)
     run_dir = _run_dir(tmp_path, "run", adapters["eval_rows"], adapters["untrained"])
-    result = evaluate_candidate(cfg, run_dir, _champion=None)
+    result = evaluate_candidate(cfg, run_dir)
     assert not result["passed"] and result["decision"] == "fail"
     assert any(r.startswith("beats_base:token_f1") for r in result["reasons"])
     gate = json.loads((run_dir / "eval" / "gate.json").read_text())
@@ -199,48 +192,29 @@ def test_untrained_adapter_fails_naming_the_metric(adapters: dict[str, Any], tmp
     assert "Gate: FAILED" in (run_dir / "eval" / "eval_report.md").read_text()
 
 
-@pytest.mark.slow
-def test_candidate_worse_than_champion_on_one_slice_fails(adapters: dict[str, Any], tmp_path: Path) -> None:
-    cfg = _cfg(tmp_path, adapters["base"], **{"gate.min_slice_size": 10})
-    run_dir = _run_dir(tmp_path, "run", adapters["eval_rows"], adapters["one_slice"])
-    champion = {
-        "version": "1",
-        "run_id": "r-champion",
-        "merged_path": str(adapters["champion_merged"]),
-        "dataset_hash": None,
-    }
-    result = evaluate_candidate(cfg, run_dir, _champion=champion)
-
-    assert not result["passed"] and result["champion_version"] == "1"
-    gate = json.loads((run_dir / "eval" / "gate.json").read_text())
-    failed = {r["name"] for r in gate["rules"] if not r["passed"]}
-    assert "no_regression:token_f1[raises]" in failed
-    assert "no_regression:token_f1[returns]" not in failed
-    # The candidate only learned "returns": whatever its average, losing "raises" alone fails it.
-    assert all("[raises]" in r for r in gate["reasons"])
-    report = (run_dir / "eval" / "eval_report.md").read_text()
-    assert "the champion answered right, the candidate now does not" in report
-    assert "| raises |" in report
-
-
 def test_missing_or_malformed_inputs_are_user_errors(tmp_path: Path) -> None:
-    cfg = load_config(overrides=[("eval.cache_dir", str(tmp_path / "cache"))])
+    cfg = load_config(
+        overrides=[
+            ("eval.cache_dir", str(tmp_path / "cache")),
+            ("register.tracking_uri", f"sqlite:///{tmp_path / 'mlflow.db'}"),
+        ]
+    )
     with pytest.raises(UserError, match=r"eval\.jsonl: eval split not found"):
-        evaluate_candidate(cfg, tmp_path / "empty", _champion=None)
+        evaluate_candidate(cfg, tmp_path / "empty")
     run_dir = tmp_path / "run"
     (run_dir / "data").mkdir(parents=True)
     (run_dir / "data" / "eval.jsonl").write_text(
         '{"id": "a", "question": "q", "answer": "a", "category": "c"}\n{oops\n'
     )
     with pytest.raises(UserError, match=r"eval.jsonl:2: not valid JSON"):
-        evaluate_candidate(cfg, run_dir, _champion=None)
+        evaluate_candidate(cfg, run_dir)
     (run_dir / "data" / "eval.jsonl").write_text(
         '{"id": "a", "question": "q", "answer": 3, "category": "c"}\n'
     )
     with pytest.raises(UserError, match=r"eval.jsonl:1: .*answer"):
-        evaluate_candidate(cfg, run_dir, _champion=None)
+        evaluate_candidate(cfg, run_dir)
     (run_dir / "data" / "eval.jsonl").write_text(
         '{"id": "a", "question": "q", "answer": "a", "category": "c"}\n'
     )
     with pytest.raises(UserError, match=r"adapter_config\.json"):
-        evaluate_candidate(cfg, run_dir, _champion=None)
+        evaluate_candidate(cfg, run_dir)

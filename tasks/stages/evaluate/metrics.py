@@ -280,77 +280,18 @@ def decide_gate(
          "comparisons": {"vs_base": ..., "vs_champion": ... | None}}
     """
     metrics = list(dict.fromkeys([*primary_metrics, primary_metric]))
-    rules: list[dict[str, Any]] = []
     pct = f"{confidence:.0%}"
-
     vs_base = compare_models(candidate, base, metrics, samples, confidence, seed, min_slice_size)
-    ci = vs_base["overall"][primary_metric]
-    rules.append(
-        _rule(
-            f"beats_base:{primary_metric}",
-            ci["low"] > min_improvement,
-            ci["low"],
-            min_improvement,
-            f"candidate - base {primary_metric} = {ci['mean']:+.4f}, {pct} CI "
-            f"[{ci['low']:+.4f}, {ci['high']:+.4f}]; the lower bound must exceed {min_improvement:+.4f}",
-        )
+    rules = [_beats_base_rule(vs_base["overall"][primary_metric], primary_metric, min_improvement, pct)]
+    vs_champion = (
+        compare_models(candidate, champion, metrics, samples, confidence, seed, min_slice_size)
+        if champion is not None
+        else None
     )
-
-    vs_champion = None
-    if champion is None:
-        rules.append(
-            _rule(
-                "no_regression:champion",
-                True,
-                None,
-                None,
-                "no champion registered yet: the base comparison and the sanity floors decide",
-            )
-        )
-    else:
-        vs_champion = compare_models(candidate, champion, metrics, samples, confidence, seed, min_slice_size)
-        checks: list[tuple[str, dict[str, float]]] = [
-            (f"no_regression:{m}", vs_champion["overall"][m]) for m in primary_metrics
-        ]
-        for name, entry in vs_champion["slices"].items():
-            if entry["n"] >= min_slice_size:
-                checks += [(f"no_regression:{m}[{name}]", entry[m]) for m in primary_metrics]
-        for rule_name, c in checks:
-            if regression_test == "noninferiority":
-                value, how = c["low"], f"the {pct} CI lower bound"
-            else:
-                value, how = c["mean"], "the mean difference"
-            rules.append(
-                _rule(
-                    rule_name,
-                    value >= -max_regression,
-                    value,
-                    -max_regression,
-                    f"candidate - champion = {c['mean']:+.4f} over {c['n']} rows, {pct} CI "
-                    f"[{c['low']:+.4f}, {c['high']:+.4f}]; {how} must be >= {-max_regression:+.4f}",
-                )
-            )
-
-    cand = aggregate(candidate)
-    eos, empty = cand.get("eos_rate", float("nan")), cand.get("empty_rate", float("nan"))
-    rules.append(
-        _rule(
-            "min_eos_rate",
-            eos >= min_eos_rate,
-            eos,
-            min_eos_rate,
-            f"{eos:.1%} of the candidate's answers ended with EOS; at least {min_eos_rate:.1%} must",
-        )
+    rules += _regression_rules(
+        vs_champion, primary_metrics, min_slice_size, max_regression, regression_test, pct
     )
-    rules.append(
-        _rule(
-            "max_empty_rate",
-            empty <= max_empty_rate,
-            empty,
-            max_empty_rate,
-            f"{empty:.1%} of the candidate's answers are empty; at most {max_empty_rate:.1%} may be",
-        )
-    )
+    rules += _floor_rules(aggregate(candidate), min_eos_rate, max_empty_rate)
 
     reasons = [f"{r['name']}: {r['detail']}" for r in rules if not r["passed"]]
     passed = not reasons
@@ -363,3 +304,73 @@ def decide_gate(
         "champion_version": champion_version,
         "comparisons": {"vs_base": vs_base, "vs_champion": vs_champion},
     }
+
+
+def _beats_base_rule(ci: Mapping[str, float], metric: str, min_improvement: float, pct: str) -> dict:
+    return _rule(
+        f"beats_base:{metric}",
+        ci["low"] > min_improvement,
+        ci["low"],
+        min_improvement,
+        f"candidate - base {metric} = {ci['mean']:+.4f}, {pct} CI "
+        f"[{ci['low']:+.4f}, {ci['high']:+.4f}]; the lower bound must exceed {min_improvement:+.4f}",
+    )
+
+
+def _regression_rules(
+    vs_champion: Mapping[str, Any] | None,
+    primary_metrics: Sequence[str],
+    min_slice_size: int,
+    max_regression: float,
+    regression_test: str,
+    pct: str,
+) -> list[dict]:
+    """`no_regression:<metric>` overall and `no_regression:<metric>[<slice>]` per gated slice; without a
+    champion, one informational rule that passes."""
+    if vs_champion is None:
+        detail = "no champion registered yet: the base comparison and the sanity floors decide"
+        return [_rule("no_regression:champion", True, None, None, detail)]
+    checks: list[tuple[str, Mapping[str, float]]] = [
+        (f"no_regression:{m}", vs_champion["overall"][m]) for m in primary_metrics
+    ]
+    for name, entry in vs_champion["slices"].items():
+        if entry["n"] >= min_slice_size:
+            checks += [(f"no_regression:{m}[{name}]", entry[m]) for m in primary_metrics]
+    rules = []
+    for rule_name, c in checks:
+        if regression_test == "noninferiority":
+            value, how = c["low"], f"the {pct} CI lower bound"
+        else:
+            value, how = c["mean"], "the mean difference"
+        rules.append(
+            _rule(
+                rule_name,
+                value >= -max_regression,
+                value,
+                -max_regression,
+                f"candidate - champion = {c['mean']:+.4f} over {c['n']} rows, {pct} CI "
+                f"[{c['low']:+.4f}, {c['high']:+.4f}]; {how} must be >= {-max_regression:+.4f}",
+            )
+        )
+    return rules
+
+
+def _floor_rules(cand: Mapping[str, float], min_eos_rate: float, max_empty_rate: float) -> list[dict]:
+    """Sanity floors on the candidate's generations (a model that never stops can score well on F1)."""
+    eos, empty = cand.get("eos_rate", float("nan")), cand.get("empty_rate", float("nan"))
+    return [
+        _rule(
+            "min_eos_rate",
+            eos >= min_eos_rate,
+            eos,
+            min_eos_rate,
+            f"{eos:.1%} of the candidate's answers ended with EOS; at least {min_eos_rate:.1%} must",
+        ),
+        _rule(
+            "max_empty_rate",
+            empty <= max_empty_rate,
+            empty,
+            max_empty_rate,
+            f"{empty:.1%} of the candidate's answers are empty; at most {max_empty_rate:.1%} may be",
+        ),
+    ]

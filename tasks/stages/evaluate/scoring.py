@@ -1,0 +1,241 @@
+"""Scoring one model on the eval rows: load it, teacher-forced answer loss, greedy answers, per-row scores.
+
+No caching here (the stage decides what to reuse, see `stage._reuse_or_score`) and no gate: this module
+turns (model, rows) into one result dict per row, in the rows' order.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tasks.core.config import Config
+from tasks.plumbing.loading import hub_kwargs, load_tokenizer
+from tasks.plumbing.prompting import format_completion, format_prompt
+from tasks.stages.evaluate.metrics import score_row
+
+log = logging.getLogger("qa_lora.evaluate")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One model to score.
+
+    Attributes:
+        role: "base", "candidate" or "champion" (names the model in logs, timings and outputs).
+        src: what `from_pretrained` takes: a local model directory or a hub id.
+        adapter: a LoRA adapter directory merged into `src` before scoring, or None.
+        tokenizer_dir: a directory whose saved tokenizer wins over the base's (the adapter's copy, the
+            champion's merged model), or None for the base's.
+        pinned: load `src` with the base's hub pins (revision, remote-code policy); only the base is a
+            hub model, the champion is a downloaded directory.
+    """
+
+    role: str
+    src: str
+    adapter: Path | None = None
+    tokenizer_dir: Path | None = None
+    pinned: bool = True
+
+
+def plan_eval_device(cfg: Config) -> tuple[str, str]:
+    """(device, torch dtype name) the models are scored with, from the same device plan as training.
+
+    Evaluate in the precision the model trains in where the hardware has it (bf16 on MI300X), fp32 on
+    CPU; fp16 only when asked.
+    """
+    from tasks.plumbing.device import detect_capabilities, plan_device
+
+    plan = plan_device(detect_capabilities(cfg.runtime.device), precision=cfg.train.precision)
+    return plan.device, {"bf16": "bfloat16", "fp16": "float16"}.get(plan.precision, "float32")
+
+
+def score_model(
+    cfg: Config, spec: ModelSpec, rows: Sequence[Mapping[str, str]], device: str, dtype: str
+) -> tuple[list[dict[str, Any]], dict[str, float]]:
+    """Per-row results of one model on `rows` and the seconds each step took.
+
+    Returns:
+        (results, timings): one dict per row (id, category, prediction, the answer metrics, EOS/empty
+        flags, token and word counts, the answer tokens' summed NLL), and {"<role>_load_s",
+        "<role>_loss_s", "<role>_generate_s"}.
+    """
+    e = cfg.eval
+    t0 = time.perf_counter()
+    model, tokenizer = load_model(cfg, spec, device, dtype)
+    t1 = time.perf_counter()
+    losses = answer_losses(model, tokenizer, rows, e.batch_size, device)
+    t2 = time.perf_counter()
+    generations = generate(model, tokenizer, rows, e.batch_size, e.max_new_tokens, device)
+    t3 = time.perf_counter()
+    del model
+    gc.collect()
+    out = [_row_result(row, loss, gen) for row, loss, gen in zip(rows, losses, generations, strict=True)]
+    log.info(
+        "%s: scored %d rows (load %.1fs, loss %.1fs, generate %.1fs)",
+        spec.role,
+        len(out),
+        t1 - t0,
+        t2 - t1,
+        t3 - t2,
+    )
+    timings = {
+        f"{spec.role}_load_s": round(t1 - t0, 2),
+        f"{spec.role}_loss_s": round(t2 - t1, 2),
+        f"{spec.role}_generate_s": round(t3 - t2, 2),
+    }
+    return out, timings
+
+
+def _row_result(row: Mapping[str, str], loss: tuple[float, int], gen: Mapping[str, Any]) -> dict[str, Any]:
+    pred = gen["prediction"]
+    return {
+        "id": row["id"],
+        "category": row["category"],
+        "prediction": pred,
+        **score_row(pred, row["answer"]),
+        "ended_with_eos": gen["ended_with_eos"],
+        "empty": not pred.strip(),
+        "gen_tokens": gen["gen_tokens"],
+        "pred_words": len(pred.split()),
+        "ref_words": len(row["answer"].split()),
+        "nll_sum": loss[0],
+        "n_answer_tokens": loss[1],
+    }
+
+
+def load_model(cfg: Config, spec: ModelSpec, device: str, dtype: str) -> tuple[Any, Any]:
+    """The model in eval mode on `device` (an adapter merged in: faster, same math) and its tokenizer.
+
+    The tokenizer comes from the one loader (`tasks.plumbing.loading.load_tokenizer`), so evaluation
+    tokenizes and pads exactly as training and export do.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if cfg.runtime.num_threads:
+        torch.set_num_threads(cfg.runtime.num_threads)
+    model = AutoModelForCausalLM.from_pretrained(
+        spec.src,
+        dtype=getattr(torch, dtype),
+        use_safetensors=None if cfg.base.allow_pickle_weights else True,
+        **(hub_kwargs(cfg) if spec.pinned else {}),
+    )
+    if spec.adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(spec.adapter)).merge_and_unload()
+    tokenizer = load_tokenizer(cfg, spec.tokenizer_dir, padding_side="left")
+    model.to(device).eval()
+    return model, tokenizer
+
+
+def _answer_sequences(tokenizer: Any, rows: Sequence[Mapping[str, str]]) -> list[tuple[list[int], int]]:
+    """Per row, (prompt + answer token ids, where the answer starts).
+
+    The answer starts where the tokenized prompt and the tokenized prompt+completion diverge, as TRL's
+    SFTTrainer builds the completion mask for prompt/completion data.
+    """
+    seqs: list[tuple[list[int], int]] = []
+    for row in rows:
+        prompt = format_prompt(row["question"])
+        p_ids = tokenizer(prompt)["input_ids"]
+        full = tokenizer(prompt + format_completion(row["answer"]))["input_ids"]
+        common = 0
+        for a, b in zip(p_ids, full, strict=False):
+            if a != b:
+                break
+            common += 1
+        seqs.append((full, common))
+    return seqs
+
+
+def answer_losses(
+    model: Any, tokenizer: Any, rows: Sequence[Mapping[str, str]], batch_size: int, device: str
+) -> list[tuple[float, int]]:
+    """(sum of NLL, number of tokens) over each row's answer tokens, teacher-forced.
+
+    The loss here is the training loss on held-out rows (the answer text and its EOS, never the prompt).
+    Batches are right-padded; rows are sorted by length so a batch wastes little padding.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    seqs = _answer_sequences(tokenizer, rows)
+    out: list[tuple[float, int]] = [(0.0, 0)] * len(rows)
+    order = sorted(range(len(rows)), key=lambda i: -len(seqs[i][0]))
+    pad = tokenizer.pad_token_id
+    with torch.inference_mode():
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            width = max(len(seqs[i][0]) for i in idx)
+            ids = torch.full((len(idx), width), pad, dtype=torch.long)
+            labels = torch.full((len(idx), width), -100, dtype=torch.long)
+            mask = torch.zeros((len(idx), width), dtype=torch.long)
+            for j, i in enumerate(idx):
+                full, common = seqs[i]
+                ids[j, : len(full)] = torch.tensor(full)
+                mask[j, : len(full)] = 1
+                labels[j, common : len(full)] = torch.tensor(full[common:])
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+            nll = F.cross_entropy(
+                logits[:, :-1].transpose(1, 2), labels[:, 1:].to(device), ignore_index=-100, reduction="none"
+            )
+            counts = (labels[:, 1:] != -100).sum(dim=1)
+            sums = nll.sum(dim=1).cpu()
+            for j, i in enumerate(idx):
+                out[i] = (float(sums[j]), int(counts[j]))
+    return out
+
+
+def generate(
+    model: Any,
+    tokenizer: Any,
+    rows: Sequence[Mapping[str, str]],
+    batch_size: int,
+    max_new_tokens: int,
+    device: str,
+) -> list[dict[str, Any]]:
+    """Greedy answers, batched with left padding (prompts sorted by length), KV cache on.
+
+    Returns:
+        Per row {"prediction" (text before EOS), "ended_with_eos", "gen_tokens"}, in the rows' order.
+    """
+    import torch
+    from transformers import GenerationConfig
+
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    gen_cfg = GenerationConfig(
+        max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=pad, use_cache=True
+    )
+    prompts = [tokenizer(format_prompt(r["question"]))["input_ids"] for r in rows]
+    order = sorted(range(len(rows)), key=lambda i: -len(prompts[i]))
+    out: list[dict[str, Any]] = [{}] * len(rows)
+    with torch.inference_mode():
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            width = max(len(prompts[i]) for i in idx)
+            ids = torch.full((len(idx), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(idx), width), dtype=torch.long)
+            for j, i in enumerate(idx):
+                p = prompts[i]
+                ids[j, width - len(p) :] = torch.tensor(p)
+                mask[j, width - len(p) :] = 1
+            seqs = model.generate(
+                input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=gen_cfg
+            )
+            for j, i in enumerate(idx):
+                out[i] = _decoded(tokenizer, seqs[j, width:].cpu().tolist(), eos)
+    return out
+
+
+def _decoded(tokenizer: Any, tokens: list[int], eos: int) -> dict[str, Any]:
+    ended = eos in tokens
+    tokens = tokens[: tokens.index(eos)] if ended else tokens
+    text = tokenizer.decode(tokens, skip_special_tokens=True).strip()
+    return {"prediction": text, "ended_with_eos": ended, "gen_tokens": len(tokens)}
