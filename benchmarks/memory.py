@@ -6,7 +6,7 @@ set (the baseline), run the step, read the peak (VmHWM, reset after the imports)
 * train: `tasks.stages.train.train_adapter` on the tiny base (a few steps). The tiny model is 10 MB, so this
   ratio is dominated by fixed costs (tokenized datasets, optimizer, MLflow, allocator) and says little
   about copies of the weights.
-* merge: the export stage's own merge (`tasks.stages.export._merge`: fp32 base + adapter ->
+* merge: the export stage's own merge (`tasks.stages.export.merge_adapter`: fp32 base + adapter ->
   merge_and_unload, with its parity generation) on the tiny base and on a larger random-weight Llama
   (~90M parameters, ~350 MB in fp32) with a random non-zero adapter, where the ratio shows how many
   copies of the weights the merge holds.
@@ -62,18 +62,18 @@ _MERGE = (
 import torch, transformers, peft
 from pathlib import Path
 from tasks.core.config import load_config
-from tasks.stages.export import stage as ex
-from tasks.plumbing.loading import resolve_base
+from tasks.stages.export import generation_config, merge_adapter
+from tasks.plumbing.loading import load_tokenizer, resolve_base
 args = json.loads(os.environ["BENCH_ARGS"])
 cfg = load_config(None, [tuple(o) for o in args["overrides"]])
 adapter = Path(args["adapter"])
 base_src = resolve_base(cfg).ref
-tok = ex._load_tokenizer(cfg, base_src, adapter)
+tok = load_tokenizer(cfg, adapter, padding_side="left")
 enc = tok(["[INST] What is a list? [/INST]", "[INST] Why? [/INST]"], padding=True, return_tensors="pt")
-gen = ex._generation_config(cfg, tok)
+gen = generation_config(cfg, tok)
 base_rss = rss()
 reset_peak()
-merged, parity = ex._merge(cfg, base_src, adapter, "cpu", enc["input_ids"], enc["attention_mask"], gen)
+merged, parity = merge_adapter(cfg, base_src, adapter, "cpu", enc["input_ids"], enc["attention_mask"], gen)
 print(json.dumps({"baseline_rss": base_rss, "peak_rss": peak(), "after_rss": rss(),
                   "max_abs_diff": parity.get("max_abs_diff")}))
 """

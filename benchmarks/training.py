@@ -3,8 +3,9 @@
 Trainings on the tiny base (the first three with the same LoRA, params.yaml `lora`, and batch size):
 
 * stage: `tasks.stages.train.train_adapter` itself (TRL SFTTrainer with the device plan, length-grouped
-  sampler, prompt/completion data). Per-step times come from a callback added to the stage's own
-  progress reporter, and its batches are recorded by a forward pre-hook, so nothing else changes.
+  sampler, prompt/completion data). Per-step times come from a Trainer callback passed to the stage
+  (its public `callbacks=` argument), and its batches are recorded by a forward pre-hook, so nothing
+  else changes.
 * bare: a plain PyTorch + PEFT step (forward, backward, clip, AdamW) on *the batch the stage just
   trained on*, run right after each stage step (its time kept out of the stage's): the ceiling
   without trainer overhead, measured under the same machine load (the CPU here is shared).
@@ -41,7 +42,8 @@ from typing import Any
 
 from benchmarks.common import bench_config, gemm_flops, loadavg, median, ratio, write_split
 from tasks.core.config import REPO_ROOT, load_config
-from tasks.stages.train.stage import _lora_config
+from tasks.stages.train import train_adapter
+from tasks.stages.train.model import lora_config
 
 log = logging.getLogger("qa_lora.bench")
 
@@ -194,7 +196,7 @@ def _peft_model(cfg: Any, attn: str) -> Any:
     )
     model.config.use_cache = False
     torch.manual_seed(cfg.train.seed)
-    return get_peft_model(model, _lora_config(cfg.lora))
+    return get_peft_model(model, lora_config(cfg.lora))
 
 
 class _Paired:
@@ -251,30 +253,21 @@ def _measure_stage(cfg: Any, run_dir: Path, warmup: int, blocks: int, attn: str 
 
     `attn` is the bare loop's attention; the stage's own choice is checked against it afterwards.
     """
-    import tasks.stages.train.stage as stage
+    from transformers import TrainerCallback
 
     paired = _Paired(cfg, attn, None)
-    original = stage._reporter
 
-    def reporter(*args: Any, **kwargs: Any) -> Any:
-        rep = original(*args, **kwargs)
-
-        def on_step_begin(a: Any, state: Any, control: Any, model: Any = None, **kw: Any) -> None:
+    class StepTimer(TrainerCallback):
+        def on_step_begin(self, a: Any, state: Any, control: Any, model: Any = None, **kw: Any) -> None:
             paired.begin(model)
 
-        def on_step_end(a: Any, state: Any, control: Any, **kw: Any) -> None:
+        def on_step_end(self, a: Any, state: Any, control: Any, **kw: Any) -> None:
             paired.end()
 
-        # instance attributes: the reporter's class has no step callbacks, so nothing is overridden
-        rep.on_step_begin, rep.on_step_end = on_step_begin, on_step_end
-        return rep
-
-    stage._reporter = reporter
     t = time.perf_counter()
     try:
-        result = stage.train_adapter(cfg, run_dir)
+        result = train_adapter(cfg, run_dir, callbacks=[StepTimer()])
     finally:
-        stage._reporter = original
         paired.close()
     wall = time.perf_counter() - t
     summary = json.loads(Path(result["summary"]).read_text())
@@ -465,7 +458,7 @@ def _measure_naive(
         args=args,
         train_dataset=data,
         processing_class=tokenizer,
-        peft_config=_lora_config(lora),
+        peft_config=lora_config(lora),
         callbacks=[Timer()],
     )
     try:

@@ -3,6 +3,12 @@
 Split in two so the decisions are testable without the hardware: :func:`detect_capabilities` reads
 torch, :func:`plan_device` decides from a :class:`DeviceCaps` alone. Nothing here is left to library
 defaults: TRL 1.x defaults to bf16 + gradient checkpointing, which made a CPU run 21x slower here.
+
+Running as the other kind of CPU: the environment variable ``QA_LORA_CPU_BF16`` forces the detected
+native-bf16 capability of a CPU (``1``: as if it had AMX, so `precision: auto` trains in bf16; ``0``: as
+if it had none, so auto trains in fp32). Unset (or empty) means detect it from /proc/cpuinfo. It applies
+to CPU training only (GPUs report their bf16 support through torch), is inherited by torchrun workers,
+and the plan's reasons say when it was used. Any other value is refused with a one-line error.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ ROCM_ENV = {
     "HIP_FORCE_DEV_KERNARG": "1",  # kernel arguments in device memory: lower launch latency
     "PYTORCH_TUNABLEOP_ENABLED": "0",  # opt-in: tuning costs minutes on the first steps
 }
+CPU_BF16_ENV = "QA_LORA_CPU_BF16"  # "0" | "1": force a CPU's native-bf16 capability off | on
 
 
 @dataclass(frozen=True)
@@ -38,6 +45,7 @@ class DeviceCaps:
     flash_attn_installed: bool = False
     cpu_count: int = 1
     cpu_flags: tuple[str, ...] = ()
+    bf16_forced: bool | None = None  # set when QA_LORA_CPU_BF16 overrode the detected bf16_native
 
 
 @dataclass(frozen=True)
@@ -106,13 +114,34 @@ def detect_capabilities(requested: Literal["auto", "cpu", "cuda"] = "auto") -> D
             fp16_native=True,
             **common,
         )
+    forced = cpu_bf16_override()
     return DeviceCaps(
         backend="cpu",
         # avx512_bf16 only adds dot-product instructions; bf16 training on such CPUs measured slower
         # than fp32 here. AMX tiles (Sapphire Rapids and later) are what make CPU bf16 pay off.
-        bf16_native="amx_bf16" in flags,
+        bf16_native=("amx_bf16" in flags) if forced is None else forced,
+        bf16_forced=forced,
         **common,
     )
+
+
+def cpu_bf16_override() -> bool | None:
+    """The CPU bf16 capability forced by ``QA_LORA_CPU_BF16`` (True/False), or None when unset.
+
+    Raises:
+        UserError: the variable holds anything but 0, 1 or nothing.
+    """
+    raw = os.environ.get(CPU_BF16_ENV, "").strip()
+    if not raw:
+        return None
+    if raw not in ("0", "1"):
+        from tasks.core.errors import UserError
+
+        raise UserError(
+            f"{CPU_BF16_ENV}={raw!r}: expected 1 (run as a CPU with native bf16), 0 (as one without) "
+            "or unset (detect it)"
+        )
+    return raw == "1"
 
 
 def estimate_train_bytes(
@@ -168,51 +197,9 @@ def plan_device(
     """
     reasons: list[str] = []
     on_gpu = caps.backend in ("rocm", "cuda")
-
-    if precision == "auto":
-        chosen = "bf16" if caps.bf16_native else "fp32"
-        why = "native bf16" if caps.bf16_native else "no native bf16 (emulated bf16 is slower)"
-        reasons.append(f"precision={chosen}: auto on {caps.backend}, {why}")
-    else:
-        chosen = precision
-        if chosen == "bf16" and not caps.bf16_native:
-            reasons.append("precision=bf16: requested although this device emulates bf16 (slow)")
-        elif chosen == "fp16" and not on_gpu:
-            from tasks.core.errors import UserError
-
-            raise UserError("train.precision: fp16 needs a GPU; use fp32 or auto on CPU")
-        else:
-            reasons.append(f"precision={chosen}: requested")
-
-    if gradient_checkpointing == "auto":
-        budget = min(caps.gpu_memory_bytes) if caps.gpu_memory_bytes else None
-        need = bool(on_gpu and budget and train_bytes_estimate and train_bytes_estimate > 0.8 * budget)
-        gc = need
-        if need:
-            reasons.append(
-                f"gradient_checkpointing=on: estimated {train_bytes_estimate / 2**30:.1f} GiB "
-                f"> 80% of {budget / 2**30:.1f} GiB"
-            )
-        else:
-            reasons.append("gradient_checkpointing=off: memory suffices (recompute costs ~30% speed)")
-    else:
-        gc = bool(gradient_checkpointing)
-        reasons.append(f"gradient_checkpointing={'on' if gc else 'off'}: requested")
-
-    if attn_implementation == "auto":
-        attn = "flash_attention_2" if (on_gpu and caps.flash_attn_installed) else "sdpa"
-        reasons.append(f"attn_implementation={attn}: auto")
-    else:
-        attn = attn_implementation
-        if attn == "flash_attention_2" and not (on_gpu and caps.flash_attn_installed):
-            from tasks.core.errors import UserError
-
-            raise UserError(
-                "train.attn_implementation: flash_attention_2 needs a GPU and the flash-attn package; "
-                "use sdpa or auto"
-            )
-        reasons.append(f"attn_implementation={attn}: requested")
-
+    chosen = _choose_precision(caps, precision, reasons)
+    gc = _choose_checkpointing(caps, gradient_checkpointing, train_bytes_estimate, reasons)
+    attn = _choose_attention(caps, attn_implementation, reasons)
     env: dict[str, str] = {}
     if caps.backend == "rocm":
         env = {k: v for k, v in ROCM_ENV.items() if k not in os.environ}
@@ -228,6 +215,63 @@ def plan_device(
         env=env,
         reasons=tuple(reasons),
     )
+
+
+def _choose_precision(caps: DeviceCaps, precision: str, reasons: list[str]) -> str:
+    on_gpu = caps.backend in ("rocm", "cuda")
+    forced = f", forced by {CPU_BF16_ENV}={int(caps.bf16_forced)}" if caps.bf16_forced is not None else ""
+    if precision == "auto":
+        chosen = "bf16" if caps.bf16_native else "fp32"
+        why = "native bf16" if caps.bf16_native else "no native bf16 (emulated bf16 is slower)"
+        reasons.append(f"precision={chosen}: auto on {caps.backend}, {why}{forced}")
+        return chosen
+    if precision == "bf16" and not caps.bf16_native:
+        reasons.append(f"precision=bf16: requested although this device emulates bf16 (slow){forced}")
+    elif precision == "fp16" and not on_gpu:
+        from tasks.core.errors import UserError
+
+        raise UserError("train.precision: fp16 needs a GPU; use fp32 or auto on CPU")
+    else:
+        reasons.append(f"precision={precision}: requested")
+    return precision
+
+
+def _choose_checkpointing(
+    caps: DeviceCaps, requested: str | bool, train_bytes_estimate: int | None, reasons: list[str]
+) -> bool:
+    if requested != "auto":
+        gc = bool(requested)
+        reasons.append(f"gradient_checkpointing={'on' if gc else 'off'}: requested")
+        return gc
+    on_gpu = caps.backend in ("rocm", "cuda")
+    budget = min(caps.gpu_memory_bytes) if caps.gpu_memory_bytes else None
+    need = bool(on_gpu and budget and train_bytes_estimate and train_bytes_estimate > 0.8 * budget)
+    if need:
+        assert budget is not None and train_bytes_estimate is not None
+        reasons.append(
+            f"gradient_checkpointing=on: estimated {train_bytes_estimate / 2**30:.1f} GiB "
+            f"> 80% of {budget / 2**30:.1f} GiB"
+        )
+    else:
+        reasons.append("gradient_checkpointing=off: memory suffices (recompute costs ~30% speed)")
+    return need
+
+
+def _choose_attention(caps: DeviceCaps, requested: str, reasons: list[str]) -> str:
+    on_gpu = caps.backend in ("rocm", "cuda")
+    if requested == "auto":
+        attn = "flash_attention_2" if (on_gpu and caps.flash_attn_installed) else "sdpa"
+        reasons.append(f"attn_implementation={attn}: auto")
+        return attn
+    if requested == "flash_attention_2" and not (on_gpu and caps.flash_attn_installed):
+        from tasks.core.errors import UserError
+
+        raise UserError(
+            "train.attn_implementation: flash_attention_2 needs a GPU and the flash-attn package; "
+            "use sdpa or auto"
+        )
+    reasons.append(f"attn_implementation={requested}: requested")
+    return requested
 
 
 def describe_device(requested: Literal["auto", "cpu", "cuda"] = "auto") -> dict[str, object]:

@@ -1,17 +1,26 @@
 """Device decisions (precision, gradient checkpointing, attention, ROCm env) with the machine faked.
 
 The deciding code never reads the hardware itself: DeviceCaps describes an MI300X, an A100, a V100 or
-a CPU here, and the plan plus the SFTConfig fields derived from it are checked for each.
+a CPU here, and the plan plus the SFTConfig fields derived from it are checked for each. The detection
+of this machine is checked against /proc/cpuinfo read here, and QA_LORA_CPU_BF16 must flip it both ways.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tasks.core.errors import UserError
-from tasks.plumbing.device import ROCM_ENV, DeviceCaps, estimate_train_bytes, plan_device
+from tasks.plumbing.device import (
+    CPU_BF16_ENV,
+    ROCM_ENV,
+    DeviceCaps,
+    detect_capabilities,
+    estimate_train_bytes,
+    plan_device,
+)
 
 GiB = 2**30
 
@@ -154,9 +163,9 @@ def test_sft_config_fields_come_from_the_plan(
     kind: str, world: int, distributed: str, expected: dict
 ) -> None:
     """TRL's defaults (bf16=True, gradient checkpointing on) never stand: every field is explicit."""
-    from tasks.stages.train.stage import _device_args
+    from tasks.stages.train.trainer import device_args
 
-    args = _device_args(plan_device(_caps(kind)), world, distributed, cpu_count=16)
+    args = device_args(plan_device(_caps(kind)), world, distributed, cpu_count=16)
     for key, value in expected.items():
         assert args[key] == value, key
     for key in ("use_cpu", "bf16", "fp16", "activation_checkpointing"):
@@ -164,14 +173,58 @@ def test_sft_config_fields_come_from_the_plan(
 
 
 def test_fsdp_uses_its_own_activation_checkpointing() -> None:
-    from tasks.stages.train.stage import _device_args
+    from tasks.stages.train.trainer import device_args
 
     need = estimate_train_bytes(
         **{**LLAMA2_7B, "total_params": 70 * 10**9, "num_layers": 80, "hidden_size": 8192}, param_bytes=2
     )
     plan = plan_device(_caps("mi300x"), train_bytes_estimate=need)
-    args = _device_args(plan, 8, "fsdp", cpu_count=128)
+    args = device_args(plan, 8, "fsdp", cpu_count=128)
     assert args["fsdp"] is True and args["fsdp_config"]["version"] == 2
     assert args["fsdp_config"]["activation_checkpointing"] == plan.gradient_checkpointing
     assert args["activation_checkpointing"] is False  # the Trainer flag would add an all-gather
-    assert "fsdp" not in _device_args(plan, 1, "fsdp", cpu_count=128)  # one process: nothing to shard
+    assert "fsdp" not in device_args(plan, 1, "fsdp", cpu_count=128)  # one process: nothing to shard
+
+
+# ------------------------------------------------------------ this machine, and running as the other kind
+
+
+def _has_amx() -> bool:
+    """Read here, independently of the module: AMX tiles are what the plan counts as native CPU bf16."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8")
+    except OSError:
+        return False
+    return any("amx_bf16" in line.split() for line in text.splitlines() if line.startswith("flags"))
+
+
+def test_cpu_bf16_is_detected_from_the_cpu_flags(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(CPU_BF16_ENV, raising=False)
+    caps = detect_capabilities("cpu")
+    assert caps.backend == "cpu"
+    assert caps.bf16_native is _has_amx() and caps.bf16_forced is None
+    assert plan_device(caps).precision == ("bf16" if _has_amx() else "fp32")
+
+
+@pytest.mark.parametrize(("value", "native", "precision"), [("1", True, "bf16"), ("0", False, "fp32")])
+def test_cpu_bf16_can_be_forced_either_way(
+    monkeypatch: pytest.MonkeyPatch, value: str, native: bool, precision: str
+) -> None:
+    """Whatever this CPU is, the variable makes it run as the other kind too (and the plan says so)."""
+    monkeypatch.setenv(CPU_BF16_ENV, value)
+    caps = detect_capabilities("cpu")
+    assert caps.bf16_native is native and caps.bf16_forced is native
+    plan = plan_device(caps)
+    assert plan.precision == precision
+    assert any(
+        r.startswith(f"precision={precision}") and f"{CPU_BF16_ENV}={value}" in r for r in plan.reasons
+    )
+    # An explicit precision is still obeyed.
+    assert plan_device(caps, precision="fp32").precision == "fp32"
+
+
+@pytest.mark.parametrize("value", ["yes", "2", "true"])
+def test_a_bad_cpu_bf16_value_is_a_one_line_user_error(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    monkeypatch.setenv(CPU_BF16_ENV, value)
+    with pytest.raises(UserError, match=rf"^{CPU_BF16_ENV}='{value}': expected 1 .* or unset \(detect it\)$"):
+        detect_capabilities("cpu")

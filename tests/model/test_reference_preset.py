@@ -18,14 +18,14 @@ def test_llama2_7b_preset_trainable_parameters(repo_root: Path) -> None:
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     from tasks.core.config import load_config
-    from tasks.stages.train.stage import _lora_config
+    from tasks.stages.train.model import lora_config
 
     cfg = load_config(repo_root / "params" / "llama2-7b-mi300x.yaml")
     arch = json.loads((repo_root / "models" / "recipes" / "llama-2-7b-chat-hf.config.json").read_text())
     arch.pop("_comment")
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(LlamaConfig(**arch))
-    peft_model = get_peft_model(model, _lora_config(cfg.lora))  # the train stage's own translation
+    peft_model = get_peft_model(model, lora_config(cfg.lora))  # the train stage's own translation
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in peft_model.parameters())
     assert trainable == 33_554_432

@@ -1,4 +1,4 @@
-"""The train stage (see stage.py for what it does, step by step)."""
+"""The train stage: LoRA SFT of the base model (see stage.py for the steps and where each part lives)."""
 
 from tasks.stages.train.stage import train_adapter
 

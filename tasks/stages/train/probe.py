@@ -1,0 +1,162 @@
+"""`train.precision: auto` by measurement: a few forward+backward steps of the actual model in each
+precision the device supports natively (tasks.plumbing.precision decides and caches the verdict).
+
+* Explicit `fp32`/`bf16`/`fp16`: obeyed, nothing measured.
+* No native bf16: fp32 (the device plan's rule), nothing measured.
+* A CPU whose bf16 capability is forced (QA_LORA_CPU_BF16=0|1): the device plan's rule for the forced
+  kind (bf16 | fp32), not measured, so the variable still runs either precision path on any machine.
+* A model too big to probe on one device (FSDP, or fp32 weights over half the smallest GPU): the
+  device plan's rule (native bf16), not measured.
+* Otherwise (native bf16, auto): the probe trains `PROBE_STEPS` steps (after one warm-up step) on a
+  batch of the real micro batch size and the train split's median templated length, in fp32 and in
+  bf16, and the faster wins (ties to fp32). The verdict is cached per (machine, model shape, batch shape) in
+  `$QA_LORA_CACHE_DIR/precision.json` (default ~/.cache/qa-lora): torchrun workers and later runs on
+  the same machine reuse it, so every rank trains in the same precision.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import logging
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+from tasks.core.config import Config
+from tasks.core.layout import RunLayout
+from tasks.plumbing.dataio import read_split
+from tasks.plumbing.loading import BaseRef, load_tokenizer
+from tasks.plumbing.precision import Verdict, cache_key, choose_precision
+from tasks.plumbing.prompting import format_completion, format_prompt
+from tasks.stages.train.model import load_model, lora_config
+
+log = logging.getLogger("qa_lora.train")
+
+PROBE_STEPS = 3  # timed steps per precision, after one warm-up step (first-shape costs)
+SAMPLE_ROWS = 512  # rows whose templated length gives the probe's sequence length
+
+
+def cache_file() -> Path:
+    """Where verdicts are cached: $QA_LORA_CACHE_DIR/precision.json (default ~/.cache/qa-lora)."""
+    root = os.environ.get("QA_LORA_CACHE_DIR") or str(Path.home() / ".cache" / "qa-lora")
+    return Path(root) / "precision.json"
+
+
+def precision_verdict(
+    cfg: Config, layout: RunLayout, base: BaseRef, info: dict[str, Any], caps: Any
+) -> Verdict | None:
+    """The measured precision for `train.precision: auto` on a device with a choice, else None
+    (explicit precision, no native bf16, or a forced capability: the device plan's rule decides)."""
+    if cfg.train.precision != "auto" or not caps.bf16_native or caps.bf16_forced is not None:
+        return None
+    if not _probe_fits(cfg, info, caps):
+        log.info("precision: auto not measured (the model is too big to probe on one device)")
+        return None
+    batch_shape = (cfg.train.per_device_train_batch_size, _probe_length(cfg, layout))
+    machine = {
+        "backend": caps.backend,
+        "gpus": list(caps.gpu_names),
+        "cpu_flags": list(caps.cpu_flags),
+        "cpu_count": caps.cpu_count,
+        "threads": cfg.runtime.num_threads,
+        "torch": caps.torch_version,
+    }
+    model_shape = {
+        **{k: info.get(k) for k in ("model_type", "total_params", "num_layers", "hidden_size", "vocab_size")},
+        "lora": cfg.lora.model_dump(mode="json"),
+        "attn": cfg.train.attn_implementation,
+    }
+    verdict = choose_precision(
+        caps.bf16_native,
+        lambda precision: measure_rate(cfg, base, caps, precision, batch_shape),
+        key=cache_key(machine, model_shape, batch_shape),
+        cache_file=cache_file(),
+    )
+    log.info("precision verdict%s: %s", " (cached)" if verdict.cached else "", verdict.reason)
+    return verdict
+
+
+def apply_verdict(plan: Any, verdict: Verdict | None) -> Any:
+    """The plan with the verdict's reason in place of the precision reason (always the first)."""
+    if verdict is None:
+        return plan
+    return dataclasses.replace(plan, reasons=(verdict.reason, *plan.reasons[1:]))
+
+
+def measure_rate(
+    cfg: Config, base: BaseRef, caps: Any, precision: str, batch_shape: tuple[int, int]
+) -> float:
+    """Tokens/s of LoRA training steps (forward, backward, AdamW) of the base in `precision`."""
+    import torch
+    from peft import get_peft_model
+
+    from tasks.plumbing.device import plan_device
+
+    plan = plan_device(caps, precision, False, cfg.train.attn_implementation)
+    model = load_model(cfg, base, plan)
+    model.config.use_cache = False
+    torch.manual_seed(cfg.train.seed)
+    model = get_peft_model(model, lora_config(cfg.lora))
+    try:
+        return _steps_per_second(model, precision, batch_shape) * batch_shape[0] * batch_shape[1]
+    finally:
+        device = next(model.parameters()).device
+        del model
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _steps_per_second(model: Any, precision: str, batch_shape: tuple[int, int]) -> float:
+    """Optimizer steps per second on one random batch, after one warm-up step (first-shape costs)."""
+    import torch
+
+    model.train()
+    device = next(model.parameters()).device
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
+    ids = torch.randint(3, max(4, model.config.vocab_size), batch_shape, device=device)
+
+    def step() -> None:
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step()
+    _sync(device)
+    started = time.perf_counter()
+    for _ in range(PROBE_STEPS):
+        step()
+    _sync(device)
+    return PROBE_STEPS / max(time.perf_counter() - started, 1e-9)
+
+
+def _probe_fits(cfg: Config, info: dict[str, Any], caps: Any) -> bool:
+    """Whether the probe can train the model alone on one device in fp32 (FSDP-sized models cannot)."""
+    if cfg.train.num_processes > 1 and cfg.train.distributed == "fsdp":
+        return False
+    fp32_weights = 4 * int(info.get("total_params") or 0)
+    return not caps.gpu_memory_bytes or fp32_weights <= 0.5 * min(caps.gpu_memory_bytes)
+
+
+def _sync(device: Any) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _probe_length(cfg: Config, layout: RunLayout) -> int:
+    """The train split's median templated length (first SAMPLE_ROWS rows), rounded up to 8, capped."""
+    rows = read_split(layout.train_split, "train split")[:SAMPLE_ROWS]
+    tokenizer = load_tokenizer(cfg, padding_side="right")
+    lengths = [
+        len(tokenizer(format_prompt(r["question"]) + format_completion(r["answer"]))["input_ids"])
+        for r in rows
+    ]
+    median = int(statistics.median(lengths)) if lengths else cfg.train.max_length
+    return min(cfg.train.max_length, -(-median // 8) * 8)

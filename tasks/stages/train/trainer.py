@@ -1,0 +1,143 @@
+"""The Trainer: SFTConfig set explicitly from params and the device plan, and the SFTTrainer subclass.
+
+* Every SFTConfig field that TRL would otherwise default (bf16 + gradient checkpointing, which made a
+  CPU run 21x slower here) is set from the plan of tasks.plumbing.device.
+* Library translations (transformers 5): `train.warmup_ratio` -> `warmup_steps` as a float ratio;
+  `train.group_by_length` -> a seeded length-grouped sampler over *global* batches (so N processes
+  see the same samples per optimizer step as one process); `max_steps: -1` -> epochs.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+from tasks.core.config import Config
+from tasks.stages.train.data import EpochSampler
+
+
+def device_args(plan: Any, world: int, distributed: str, cpu_count: int) -> dict[str, Any]:
+    """The SFTConfig fields that depend on the device plan.
+
+    TRL's defaults (bf16 + gradient checkpointing) are never left standing.
+
+    Args:
+        plan: the DevicePlan of tasks.plumbing.device.
+        world: number of training processes.
+        distributed: `train.distributed` ("ddp" or "fsdp"; used when `world > 1`).
+        cpu_count: CPU cores of the machine (dataloader workers on GPUs).
+    """
+    on_gpu = plan.device == "cuda"
+    fsdp = world > 1 and distributed == "fsdp"
+    args: dict[str, Any] = {
+        "use_cpu": not on_gpu,
+        "bf16": plan.precision == "bf16",
+        "fp16": plan.precision == "fp16",
+        # transformers 5.2x renamed gradient_checkpointing to activation_checkpointing; the new name
+        # wins over TRL's `gradient_checkpointing=True` default.
+        "activation_checkpointing": plan.gradient_checkpointing and not fsdp,
+        "activation_checkpointing_kwargs": {"use_reentrant": False} if plan.gradient_checkpointing else None,
+        "ddp_backend": ("nccl" if on_gpu else "gloo") if world > 1 else None,  # nccl is RCCL on ROCm
+        "ddp_find_unused_parameters": False,  # every LoRA parameter gets a gradient each step
+        "pad_to_multiple_of": 8 if on_gpu else None,  # tensor-core friendly shapes on GPUs; waste on CPU
+        # Workers would compete with the compute threads on a small CPU; on a GPU node they hide
+        # collation behind the GPU's work.
+        "dataloader_num_workers": min(4, max(1, cpu_count // world - 1)) if on_gpu else 0,
+        "dataloader_pin_memory": on_gpu,
+    }
+    if fsdp:
+        # FSDP2 shards the frozen base across processes (70B-class bases); FSDP's own activation
+        # checkpointing replaces the Trainer flag, which would add an all-gather in the backward pass.
+        args["fsdp"] = True
+        args["fsdp_config"] = {
+            "version": 2,
+            "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+            "state_dict_type": "FULL_STATE_DICT",
+            "activation_checkpointing": plan.gradient_checkpointing,
+            "cpu_ram_efficient_loading": True,
+        }
+    return args
+
+
+def sft_config(cfg: Config, plan: Any, ckpt_dir: Path, world: int, cpu_count: int) -> Any:
+    """The trl.SFTConfig: every field that matters set from params and the device plan, none left to defaults."""
+    from trl import SFTConfig
+
+    t = cfg.train
+    return SFTConfig(
+        output_dir=str(ckpt_dir),
+        seed=t.seed,
+        data_seed=t.seed,
+        # schedule
+        num_train_epochs=t.num_train_epochs,
+        max_steps=t.max_steps,  # -1: epochs decide
+        per_device_train_batch_size=t.per_device_train_batch_size,
+        per_device_eval_batch_size=t.per_device_train_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler_type,
+        warmup_steps=t.warmup_ratio,  # transformers 5: a float in [0, 1) is a ratio of total steps
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        optim=t.optim,
+        # data: prompt/completion, loss on the completion only, no packing (padding_free needs flash-attn)
+        max_length=t.max_length,
+        completion_only_loss=True,
+        packing=False,
+        padding_free=False,
+        dataset_num_proc=None,
+        include_num_input_tokens_seen="non_padding",  # counted from attention masks, kept in checkpoints
+        # checkpoints, logging
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        save_only_model=False,  # optimizer, scheduler and RNG state: resume continues exactly
+        eval_strategy="no",  # eval loss before and after, explicitly (cheaper than periodic evals)
+        logging_strategy="steps",
+        logging_steps=t.logging_steps,
+        report_to="none",  # MLflow through tasks.plumbing.tracking, one run per training
+        disable_tqdm=not sys.stderr.isatty(),  # progress bars garble non-TTY logs (Airflow)
+        **device_args(plan, world, t.distributed, cpu_count),
+    )
+
+
+def trainer_class() -> type:
+    """SFTTrainer with the seeded, global-batch length-grouped sampler and, where it is faster, the
+    model's own loss instead of TRL's fused LM head.
+
+    Extra constructor keywords: `group_by_length` (bool) and `plain_loss` (bool, for CPUs).
+    """
+    from transformers import Trainer
+    from trl import SFTTrainer
+
+    class QATrainer(SFTTrainer):
+        def __init__(
+            self, *args: Any, group_by_length: bool, plain_loss: bool = False, **kwargs: Any
+        ) -> None:
+            self._qa_group_by_length = group_by_length
+            self._qa_plain_loss = plain_loss
+            super().__init__(*args, **kwargs)
+
+        def compute_loss(
+            self, model: Any, inputs: Any, return_outputs: bool = False, num_items_in_batch: Any = None
+        ) -> Any:
+            if not self._qa_plain_loss:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            # On CPU, TRL's tiled fused LM head (built for GPUs: no full logits in memory) and its
+            # entropy/accuracy metrics cost ~30% of a step here; the model's own loss is one matmul
+            # and the same number (sum over completion tokens / num_items_in_batch, scaled for DDP).
+            return Trainer.compute_loss(
+                self, model, {**inputs, "use_cache": False}, return_outputs, num_items_in_batch
+            )
+
+        def _get_train_sampler(self, train_dataset: Any = None) -> Any:
+            data = train_dataset if train_dataset is not None else self.train_dataset
+            a = self.args
+            global_batch = (
+                a.per_device_train_batch_size * a.gradient_accumulation_steps * max(1, a.world_size)
+            )
+            lengths = [len(ids) for ids in data["input_ids"]] if self._qa_group_by_length else None
+            return EpochSampler(len(data), a.seed, global_batch, lengths)
+
+    return QATrainer

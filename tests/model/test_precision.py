@@ -1,0 +1,129 @@
+"""Precision chosen by measurement: the decision with injected timings, and the verdict cache's key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tasks.plumbing.precision import cache_key, candidates, choose_precision, decide
+
+MACHINE = {"backend": "cpu", "cpu_flags": ["amx_bf16", "avx512_bf16"], "cpu_count": 2, "torch": "2.13.0"}
+MODEL = {"model_type": "llama", "layers": 4, "hidden": 256, "vocab": 8192, "lora_r": 8}
+
+
+@pytest.mark.parametrize(
+    ("rates", "expected"),
+    [
+        ({"fp32": 8_600.0, "bf16": 6_100.0}, "fp32"),  # AMX Xeon, tiny model (issue #17)
+        ({"fp32": 10_000.0, "bf16": 13_000.0}, "bf16"),  # bf16 clearly faster
+        ({"fp32": 10_000.0, "bf16": 10_400.0}, "fp32"),  # 4% faster: a tie, the higher precision wins
+        ({"fp32": 10_000.0, "bf16": 10_600.0}, "bf16"),  # 6% faster: beyond the tie margin
+        ({"fp32": 5.0}, "fp32"),
+    ],
+)
+def test_the_faster_precision_wins_and_ties_go_to_the_higher(rates: dict[str, float], expected: str) -> None:
+    chosen, reason = decide(rates)
+    assert chosen == expected
+    assert reason.startswith(f"precision={expected}:") and "tokens/s" in reason
+
+
+@pytest.mark.parametrize("rates", [{}, {"fp16": 1.0}, {"fp32": 0.0}, {"fp32": float("nan")}])
+def test_a_bad_measurement_is_refused(rates: dict[str, float]) -> None:
+    with pytest.raises(ValueError, match="decide"):
+        decide(rates)
+
+
+def test_only_native_precisions_are_candidates() -> None:
+    assert candidates(bf16_native=True) == ("fp32", "bf16")
+    assert candidates(bf16_native=False) == ("fp32",)
+
+
+def test_the_verdict_is_measured_once_per_key_and_cached(tmp_path: Path) -> None:
+    cache = tmp_path / "precision.json"
+    calls: list[str] = []
+
+    def measure(precision: str) -> float:
+        calls.append(precision)
+        return {"fp32": 9_000.0, "bf16": 12_000.0}[precision]
+
+    key = cache_key(MACHINE, MODEL, (8, 128))
+    first = choose_precision(True, measure, key=key, cache_file=cache)
+    assert (first.precision, first.cached, sorted(calls)) == ("bf16", False, ["bf16", "fp32"])
+    assert first.rates == {"fp32": 9_000.0, "bf16": 12_000.0}
+
+    again = choose_precision(True, measure, key=key, cache_file=cache)
+    assert (again.precision, again.cached, again.rates) == ("bf16", True, first.rates)
+    assert len(calls) == 2  # no new measurement
+
+    other = choose_precision(True, measure, key=cache_key(MACHINE, MODEL, (16, 128)), cache_file=cache)
+    assert not other.cached and len(calls) == 4  # another batch shape is measured on its own
+
+    cache.write_text("{not json")  # a damaged cache is measured again, never trusted
+    assert not choose_precision(True, measure, key=key, cache_file=cache).cached
+
+
+def test_without_native_bf16_nothing_is_measured(tmp_path: Path) -> None:
+    def measure(precision: str) -> float:
+        raise AssertionError("measured although fp32 is the only candidate")
+
+    verdict = choose_precision(False, measure, key="k", cache_file=tmp_path / "c.json")
+    assert verdict.precision == "fp32" and verdict.rates == {}
+    assert not (tmp_path / "c.json").exists()
+
+
+def test_the_cache_key_changes_with_machine_model_and_batch_only() -> None:
+    key = cache_key(MACHINE, MODEL, (8, 128))
+    assert cache_key(dict(reversed(list(MACHINE.items()))), dict(MODEL), (8, 128)) == key  # order-free
+    assert cache_key({**MACHINE, "cpu_flags": ["avx2"]}, MODEL, (8, 128)) != key  # another CPU
+    assert cache_key({**MACHINE, "torch": "2.14.0"}, MODEL, (8, 128)) != key  # other kernels
+    assert cache_key(MACHINE, {**MODEL, "hidden": 512}, (8, 128)) != key  # another model shape
+    assert cache_key(MACHINE, MODEL, (8, 256)) != key and cache_key(MACHINE, MODEL, (4, 128)) != key
+
+
+def test_the_train_stage_measures_both_precisions_on_a_bf16_device(
+    tiny_base: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The probe really trains the tiny base in fp32 and bf16 (a native-bf16 CPU faked), records both
+    rates, puts its reason first in the plan, and a second call reads the cache instead of measuring."""
+    import dataclasses
+    import json
+
+    from tasks.core.config import REPO_ROOT, load_config
+    from tasks.core.layout import RunLayout
+    from tasks.plumbing.device import CPU_BF16_ENV, detect_capabilities, plan_device
+    from tasks.plumbing.loading import resolve_base
+    from tasks.stages.train.model import inspect_base
+    from tasks.stages.train.probe import apply_verdict, cache_file, precision_verdict
+
+    monkeypatch.setenv("QA_LORA_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv(CPU_BF16_ENV, raising=False)
+    layout = RunLayout.of(tmp_path / "run")
+    layout.data_dir.mkdir(parents=True)
+    lines = (REPO_ROOT / "data" / "qa.jsonl").read_text(encoding="utf-8").splitlines()[:16]
+    layout.train_split.write_text("".join(json.dumps(json.loads(x)) + "\n" for x in lines), encoding="utf-8")
+    cfg = load_config(
+        overrides=["base.kind=hub", f"base.name_or_path={tiny_base}", "train.per_device_train_batch_size=4"]
+    )
+    base = resolve_base(cfg)
+    info = inspect_base(cfg, base)
+    caps = dataclasses.replace(detect_capabilities("cpu"), bf16_native=True)
+
+    verdict = precision_verdict(cfg, layout, base, info, caps)
+    assert verdict is not None and not verdict.cached
+    assert set(verdict.rates) == {"fp32", "bf16"} and all(r > 0 for r in verdict.rates.values())
+    assert verdict.precision in verdict.rates
+    plan = apply_verdict(plan_device(caps, verdict.precision), verdict)
+    assert plan.reasons[0] == verdict.reason and plan.precision == verdict.precision
+    assert verdict.key in json.loads(cache_file().read_text())
+
+    again = precision_verdict(cfg, layout, base, info, caps)
+    assert again is not None and again.cached and again.precision == verdict.precision
+    # Nothing to measure: explicit precision, no native bf16, or a forced capability.
+    assert (
+        precision_verdict(load_config(overrides=["train.precision=fp32"]), layout, base, info, caps) is None
+    )
+    assert precision_verdict(cfg, layout, base, info, dataclasses.replace(caps, bf16_native=False)) is None
+    assert precision_verdict(cfg, layout, base, info, dataclasses.replace(caps, bf16_forced=True)) is None
+    too_small = dataclasses.replace(caps, gpu_memory_bytes=(4 * info["total_params"],))  # fp32 weights > half
+    assert precision_verdict(cfg, layout, base, info, too_small) is None
