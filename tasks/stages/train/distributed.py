@@ -12,8 +12,10 @@ imports go runners -> stages, never back.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
+import signal
 import subprocess
 import sys
 
@@ -24,6 +26,17 @@ from tasks.core.layout import RunLayout
 log = logging.getLogger("qa_lora.train")
 
 WORKER_MODULE = "tasks.runners.launch"  # `python -m` target of each torchrun worker
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_parent() -> None:
+    """In a child between fork and exec: ask the kernel to SIGTERM it when its parent dies.
+
+    An Airflow task killed with SIGKILL (a supervisor's escalation, the OOM killer) cannot tell torchrun
+    to stop; torchrun then gets SIGTERM from the kernel and stops its workers, so nothing is orphaned.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def launch_processes(cfg: Config, layout: RunLayout) -> None:
@@ -49,7 +62,8 @@ def launch_processes(cfg: Config, layout: RunLayout) -> None:
         str(layout.root),
     ]
     log.info("launching %d training processes (%s): %s", n, cfg.train.distributed, " ".join(cmd))
-    done = subprocess.run(cmd, cwd=REPO_ROOT, env=_worker_env(cfg), check=False)
+    preexec = die_with_parent if sys.platform == "linux" else None
+    done = subprocess.run(cmd, cwd=REPO_ROOT, env=_worker_env(cfg), check=False, preexec_fn=preexec)
     if done.returncode == 2:
         raise UserError(f"training processes refused the params (exit 2); see the log above ({params})")
     if done.returncode != 0:
