@@ -18,7 +18,7 @@ This file only wires: the stage code is `tasks/` (plain Python, also run by `qa-
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import timedelta
 
 from airflow.providers.standard.operators.hitl import ApprovalOperator
 from airflow.sdk import dag, get_current_context, task
@@ -35,9 +35,10 @@ DATASET = ds.dataset_asset(CFG)
     description="LoRA fine-tuning of the Q&A model: validate, version, train, evaluate, gate, export, register",
     doc_md=__doc__,
     schedule=ds.schedule_for(CFG, DATASET),
-    start_date=datetime(2026, 1, 1),
+    # No start_date: with one, Airflow ignores the timetable's run_immediately and unpausing the DAG
+    # starts a run for the latest past cron slot (a full training nobody asked for).
     catchup=False,
-    max_active_runs=1,
+    max_active_runs=ds.MAX_ACTIVE_RUNS,
     params=ds.trigger_params(CFG),
     tags=["qa-lora", "llm", "lora", "mlops"],
     default_args={

@@ -37,26 +37,88 @@ def airflow_env(home: Path) -> dict[str, str]:
 
 
 def run_dag(home: Path, conf: dict[str, object] | None = None) -> Path:
-    """`airflow db migrate` then `airflow dags test`; returns the run directory the DAG wrote."""
+    """`airflow db migrate` then `airflow dags test`, quietly; returns the run directory the DAG wrote.
+
+    The console gets one line per finished task (state, duration) as the run goes; Airflow's full log
+    goes to a file under `home/logs/` whose path is printed first.
+    """
     env = airflow_env(home)
     airflow = str(Path(sys.executable).with_name("airflow"))
-    subprocess.run([airflow, "db", "migrate"], env=env, check=True, stdout=subprocess.DEVNULL)
-    before = time.time()
-    cmd = [airflow, "dags", "test", DAG_ID]
-    if conf:
-        cmd += ["-c", json.dumps(conf)]
-    proc = subprocess.run(cmd, env=env, cwd=REPO)
+    log_path = home / "logs" / f"demo-{time.strftime('%Y%m%d-%H%M%S')}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    print(f"full Airflow log: {log_path}", flush=True)
+    with log_path.open("w", encoding="utf-8") as log:
+        subprocess.run([airflow, "db", "migrate"], env=env, check=True, stdout=log, stderr=subprocess.STDOUT)
+        before, db, reported = time.time(), home / "airflow.db", set[str]()
+        earlier = run_ids(db)
+        cmd = [airflow, "dags", "test", DAG_ID] + (["-c", json.dumps(conf)] if conf else [])
+        proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        while proc.poll() is None:
+            report_tasks(db, earlier, reported)
+            time.sleep(1)
+        report_tasks(db, earlier, reported)
     runs = [p.parent for p in (REPO / "runs").glob("*/params.effective.yaml") if p.stat().st_mtime >= before]
     if proc.returncode != 0 or not runs:
-        raise SystemExit(f"demo: the DAG run failed (exit {proc.returncode}); see the task logs above")
+        raise SystemExit(
+            f"demo: the DAG run failed (exit {proc.returncode}); the task logs are in {log_path}"
+        )
     return max(runs, key=lambda p: p.stat().st_mtime)
+
+
+FINAL_STATES = {"success", "failed", "skipped", "upstream_failed", "removed"}
+
+
+def _query(db: Path, sql: str, *args: object) -> list[tuple]:
+    """Read Airflow's SQLite metadata DB (read-only): no Airflow import, no CLI start-up per poll."""
+    import sqlite3
+
+    if not db.is_file():
+        return []
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as con:
+            return con.execute(sql, args).fetchall()
+    except sqlite3.Error:  # not migrated yet, or a write in progress: the next poll sees it
+        return []
+
+
+def run_ids(db: Path) -> set[str]:
+    """The DAG's runs so far."""
+    return {r[0] for r in _query(db, "SELECT run_id FROM dag_run WHERE dag_id = ?", DAG_ID)}
+
+
+def report_tasks(db: Path, earlier: set[str], reported: set[str]) -> list[str]:
+    """Print (and return) one line per task of the new run that finished since the last call."""
+    from datetime import datetime
+
+    new = sorted(run_ids(db) - earlier)
+    if not new:
+        return []
+    rows = _query(
+        db,
+        "SELECT task_id, state, start_date, end_date FROM task_instance "
+        "WHERE dag_id = ? AND run_id = ? ORDER BY end_date IS NULL, end_date",
+        DAG_ID,
+        new[-1],
+    )
+    lines = []
+    for task_id, state, start, end in rows:
+        if state not in FINAL_STATES or task_id in reported:
+            continue
+        reported.add(task_id)
+        took = ""
+        if start and end:
+            seconds = (datetime.fromisoformat(str(end)) - datetime.fromisoformat(str(start))).total_seconds()
+            took = f"{seconds:7.1f} s"
+        lines.append(f"  {task_id:<20} {state:<16}{took}")
+        print(lines[-1], flush=True)
+    return lines
 
 
 def show(run_dir: Path, questions: int = 3) -> None:
     """Print where the artifacts are and a few answers from the champion through onnxruntime."""
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one line per file otherwise
     from tasks.core.config import load_config
-    from tasks.stages.register import fetch_champion
+    from tasks.plumbing.registry import fetch_champion
 
     gate = json.loads((run_dir / "eval" / "gate.json").read_text())
     print(f"\nrun directory:   {run_dir}")

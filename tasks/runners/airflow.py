@@ -23,6 +23,11 @@ DAG_ID = "qa_lora_finetune"
 # A deployment (or a test) can point the DAG at another params file and runs root without editing it.
 PARAMS_FILE = os.environ.get("QA_LORA_PARAMS") or None
 RUNS_ROOT = Path(os.environ.get("QA_LORA_RUNS_ROOT") or REPO_ROOT / "runs")
+# The train task's pool when orchestrate.train_pool is unset: `make airflow` creates it with one slot.
+TRAIN_POOL = "qa_lora_train"
+# Active runs of the DAG. 1 by default; a deployment with a training pool may admit more, the pool then
+# keeps training to one at a time per slot while the other stages of other runs proceed.
+MAX_ACTIVE_RUNS = int(os.environ.get("QA_LORA_MAX_ACTIVE_RUNS") or 1)
 
 # Trigger-form field -> config key. The form's defaults come from params.yaml; values a user changes
 # become overrides for that run only, and the effective config is saved in the run directory.
@@ -54,133 +59,32 @@ def _get(cfg: Config, dotted: str) -> Any:
 
 
 def trigger_params(cfg: Config) -> dict[str, Any]:
-    """The DAG's Params: the trigger form, with titles, sections, enums and bounds that refuse bad values.
+    """The DAG's Params: the trigger form, generated from the config schema (tasks/runners/trigger_form.py).
 
     Args:
         cfg: the defaults (params.yaml).
 
     Returns:
-        name -> airflow.sdk.Param.
+        name -> airflow.sdk.Param, with the config's titles, sections, enums and bounds.
     """
-    from airflow.sdk import Param
+    from tasks.runners.trigger_form import form_params
 
-    d = {name: _get(cfg, key) for name, key in PARAM_KEYS.items()}
-    model, lora, train, gate, reg = "Model and data", "LoRA", "Training", "Regression gate", "Registry"
-    return {
-        "base_model": Param(
-            d["base_model"],
-            type="string",
-            minLength=1,
-            title="Base model",
-            description="Local directory or hub id, e.g. meta-llama/Llama-2-7b-chat-hf (set base kind: hub).",
-            section=model,
-        ),
-        "base_kind": Param(
-            d["base_kind"],
-            enum=["tiny", "hub"],
-            title="Base kind",
-            description="tiny: the embedded CPU model (built if missing); hub: load as is.",
-            section=model,
-        ),
-        "data_source": Param(
-            d["data_source"],
-            type="string",
-            minLength=1,
-            title="Q&A dataset",
-            description="JSONL, CSV or Parquet file inside the allowed data roots.",
-            section=model,
-        ),
-        "lora_r": Param(d["lora_r"], type="integer", minimum=1, maximum=1024, title="Rank r", section=lora),
-        "lora_alpha": Param(
-            d["lora_alpha"],
-            type="integer",
-            minimum=1,
-            title="Alpha",
-            description="scale = alpha / r",
-            section=lora,
-        ),
-        "lora_dropout": Param(
-            d["lora_dropout"], type="number", minimum=0, maximum=0.99, title="Dropout", section=lora
-        ),
-        "lora_target_modules": Param(
-            d["lora_target_modules"],
-            type="array",
-            items={"type": "string"},
-            minItems=1,
-            title="Target modules",
-            description="One module name per line, e.g. q_proj, v_proj.",
-            section=lora,
-        ),
-        "num_train_epochs": Param(
-            d["num_train_epochs"],
-            type="number",
-            exclusiveMinimum=0,
-            maximum=100,
-            title="Epochs",
-            section=train,
-        ),
-        "max_steps": Param(
-            d["max_steps"],
-            type="integer",
-            minimum=-1,
-            title="Max steps",
-            description="-1: train the epochs above; > 0: stop after this many optimizer steps.",
-            section=train,
-        ),
-        "learning_rate": Param(
-            d["learning_rate"],
-            type="number",
-            exclusiveMinimum=0,
-            maximum=1,
-            title="Learning rate",
-            section=train,
-        ),
-        "num_processes": Param(
-            d["num_processes"],
-            type="integer",
-            minimum=1,
-            maximum=64,
-            title="Processes (GPUs)",
-            description="> 1 launches DDP/FSDP through accelerate.",
-            section=train,
-        ),
-        "gate_min_improvement": Param(
-            d["gate_min_improvement"],
-            type="number",
-            title="Min improvement over base",
-            description="Lower CI bound of candidate - base on the primary metric must exceed this.",
-            section=gate,
-        ),
-        "gate_max_regression": Param(
-            d["gate_max_regression"],
-            type="number",
-            minimum=0,
-            maximum=1,
-            title="Max regression vs champion",
-            section=gate,
-        ),
-        "gate_on_fail": Param(
-            d["gate_on_fail"],
-            enum=["skip", "fail"],
-            title="When the gate fails",
-            description="skip: export/register are skipped with the reason logged; fail: the run fails.",
-            section=gate,
-        ),
-        "promote": Param(
-            d["promote"], type="boolean", title="Promote to champion if the gate passes", section=reg
-        ),
-        "require_approval": Param(
-            d["require_approval"],
-            type="boolean",
-            title="Require human approval before promotion",
-            section=reg,
-        ),
-    }
+    return form_params(cfg, PARAM_KEYS)
 
 
 def overrides_from_params(params: dict[str, Any]) -> list[tuple[str, Any]]:
-    """Trigger-form values -> config overrides (unknown form fields are ignored by Airflow's own check)."""
-    return [(PARAM_KEYS[name], value) for name, value in params.items() if name in PARAM_KEYS]
+    """Trigger-form values -> config overrides.
+
+    Raises:
+        UserError: a key that is no form field (Airflow accepts any conf key and would ignore it).
+    """
+    unknown = sorted(set(params) - set(PARAM_KEYS))
+    if unknown:
+        raise UserError(
+            f"trigger conf: unknown key {', '.join(map(repr, unknown))}; "
+            f"known keys: {', '.join(sorted(PARAM_KEYS))}"
+        )
+    return [(PARAM_KEYS[name], value) for name, value in params.items()]
 
 
 def run_dir_for(run_id: str) -> Path:
@@ -189,19 +93,34 @@ def run_dir_for(run_id: str) -> Path:
 
 
 def start_run(params: dict[str, Any], run_id: str) -> dict[str, Any]:
-    """The DAG's first task: effective config (params.yaml + trigger form), run dir, base model."""
+    """The DAG's first task: effective config (params.yaml + trigger form), run dir, base model.
+
+    A user error (unknown conf key, a value the config refuses, a data source outside the allowed roots)
+    fails the task once, without retries, with one line naming the key or file.
+    """
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from tasks.runners.lifeline import end_with_parent
     from tasks.runners.pipeline import prepare_run
 
-    cfg = load_config(PARAMS_FILE, overrides_from_params(params))
-    return prepare_run(cfg, run_dir_for(run_id))
+    end_with_parent()
+    try:
+        cfg = load_config(PARAMS_FILE, overrides_from_params(params))
+        return prepare_run(cfg, run_dir_for(run_id))
+    except StoreUnavailable:
+        raise
+    except UserError as exc:
+        raise AirflowFailException(f"prepare: {exc}") from None
 
 
 def execute_stage(name: str, run: dict[str, Any]) -> dict[str, Any]:
     """Run one stage for a prepared run; a user error fails the task without retries."""
     from airflow.sdk.exceptions import AirflowFailException
 
+    from tasks.runners.lifeline import end_with_parent
     from tasks.runners.pipeline import load_run_config, run_stage
 
+    end_with_parent()  # training (and torchrun's workers) must not outlive a killed worker
     run_dir = Path(run["run_dir"])
     try:
         return run_stage(name, load_run_config(run_dir), run_dir)
@@ -219,7 +138,10 @@ def check_gate(run: dict[str, Any]) -> bool:
     from tasks.runners.pipeline import load_run_config
 
     run_dir = Path(run["run_dir"])
-    gate = read_gate(run_dir)
+    try:
+        gate = read_gate(run_dir)
+    except UserError as exc:
+        raise AirflowFailException(f"gate: {exc}") from None
     for rule in gate.get("rules", []):
         log.info(
             "gate rule %-28s %s value=%s threshold=%s %s",
@@ -276,8 +198,8 @@ def train_task_kwargs(cfg: Config) -> dict[str, Any]:
         "max_retry_delay": timedelta(minutes=o.retry_delay_minutes * 8),
         "execution_timeout": timedelta(minutes=o.train_timeout_minutes),
     }
-    if o.train_pool:
-        kwargs["pool"] = o.train_pool
+    # One training at a time per pool slot (two CPU trainings sharing cores run ~50x slower each).
+    kwargs["pool"] = o.train_pool or TRAIN_POOL
     if o.train_target == "celery":
         kwargs["queue"] = o.train_queue
     elif o.train_target == "kubernetes":
@@ -313,15 +235,22 @@ def _gpu_pod(cfg: Config) -> Any:
 
 
 def schedule_for(cfg: Config, dataset: Any) -> Any:
-    """Cron, data-aware (the Q&A dataset Asset), both, or manual only."""
+    """Cron, data-aware (the Q&A dataset Asset), both, or manual only.
+
+    The cron timetable never starts a run for a slot in the past when the DAG is first unpaused: the DAG
+    has no start_date (with one, Airflow ignores `run_immediately`), and `run_immediately` is a zero
+    window: `False` still runs the past slot when it is less than a tenth of the period old (Airflow
+    3.3's `_calc_first_run`), i.e. up to 16.8 hours after a weekly slot.
+    """
     from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable
 
     cron = cfg.orchestrate.schedule
     on_data = cfg.orchestrate.trigger_on_dataset
-    if cron and on_data:
-        return AssetOrTimeSchedule(timetable=CronTriggerTimetable(cron, timezone="UTC"), assets=[dataset])
-    if cron:
-        return CronTriggerTimetable(cron, timezone="UTC")
+    timetable = CronTriggerTimetable(cron, timezone="UTC", run_immediately=timedelta(0)) if cron else None
+    if timetable and on_data:
+        return AssetOrTimeSchedule(timetable=timetable, assets=[dataset])
+    if timetable:
+        return timetable
     return [dataset] if on_data else None
 
 
@@ -357,6 +286,7 @@ def notify(context: dict[str, Any]) -> None:
     ti = context.get("task_instance") or context.get("ti")
     state = str(getattr(dag_run, "state", "unknown"))
     run_id = getattr(dag_run, "run_id", "unknown")
+    run_dir = run_dir_for(run_id)  # named only when it exists: a run refused at `prepare` never made it
     record = {
         "time": datetime.now(UTC).isoformat(timespec="seconds"),
         "dag_id": DAG_ID,
@@ -364,7 +294,7 @@ def notify(context: dict[str, Any]) -> None:
         "state": state,
         "failed_task": getattr(ti, "task_id", None) if "fail" in state else None,
         "reason": str(context.get("reason") or context.get("exception") or ""),
-        "run_dir": str(run_dir_for(run_id)),
+        "run_dir": str(run_dir) if run_dir.is_dir() else None,
     }
     log.info("qa-lora run %s finished: %s", run_id, state)
     RUNS_ROOT.mkdir(parents=True, exist_ok=True)

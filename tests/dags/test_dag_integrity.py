@@ -110,3 +110,22 @@ def test_producer_updates_the_asset_the_pipeline_watches(dagbag) -> None:
     outlets = producer.get_task("refresh_dataset").outlets
     assert [a.name for a in outlets] == ["qa_lora_dataset"]
     assert "qa_lora_dataset" in repr(dagbag.dags["qa_lora_finetune"].timetable)
+
+
+@pytest.mark.parametrize("hours_after_slot", [1, 15, 100])
+def test_unpausing_never_runs_a_past_slot(dagbag, monkeypatch: pytest.MonkeyPatch, hours_after_slot) -> None:
+    """What the scheduler computes for a never-run DAG (first unpause): the next slot, not the last one.
+
+    Hour 1 and 15 lie inside the window where `run_immediately=False` (or a start_date) would still run
+    the past Monday 03:00 slot; the service test checks the same against a real scheduler.
+    """
+    import pendulum
+    from airflow.serialization.serialized_objects import DagSerialization
+
+    dag = DagSerialization.from_dict(DagSerialization.to_dict(dagbag.dags["qa_lora_finetune"]))
+    slot = pendulum.datetime(2026, 11, 30, 3, 0, tz="UTC")  # a Monday 03:00
+    now = slot.add(hours=hours_after_slot)
+    monkeypatch.setattr("airflow.timetables.trigger.utcnow", lambda: now)
+    info = dag.next_dagrun_info(last_automated_run_info=None)
+    assert info is not None and info.run_after > now, info
+    assert dag.start_date is None and dag.catchup is False

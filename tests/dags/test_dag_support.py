@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import types
 from pathlib import Path
@@ -15,10 +16,49 @@ from tasks.runners import airflow as ds
 
 
 def test_form_values_become_overrides() -> None:
-    overrides = ds.overrides_from_params({"learning_rate": 0.01, "lora_r": 4, "not_a_param": 1})
+    overrides = ds.overrides_from_params({"learning_rate": 0.01, "lora_r": 4})
     assert overrides == [("train.learning_rate", 0.01), ("lora.r", 4)]
     cfg = load_config(overrides=overrides)
     assert (cfg.train.learning_rate, cfg.lora.r) == (0.01, 4)
+
+
+def test_unknown_conf_key_is_refused_in_one_line() -> None:
+    # Airflow passes any trigger-conf key through to the params; a typo must not be silently ignored.
+    with pytest.raises(UserError) as err:
+        ds.overrides_from_params({"learning_rate": 0.01, "lr": 0.1})
+    message = str(err.value)
+    assert "\n" not in message and "unknown key 'lr'" in message
+    assert "known keys:" in message and "learning_rate" in message and "max_steps" in message
+
+
+@pytest.fixture
+def runs_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setattr(ds, "RUNS_ROOT", tmp_path / "runs")
+    return tmp_path / "runs"
+
+
+@pytest.mark.parametrize(
+    ("params", "names"),
+    [({"lr": 0.1}, "unknown key 'lr'"), ({"data_source": "../../etc/passwd"}, "etc/passwd")],
+)
+def test_user_error_in_prepare_fails_once_and_creates_nothing(runs_root: Path, params, names) -> None:
+    from airflow.sdk.exceptions import AirflowFailException  # fails the task without retries
+
+    with pytest.raises(AirflowFailException, match=r"^prepare: ") as err:
+        ds.start_run(params, "manual__2026-11-29T10:00:00+00:00")
+    assert names in str(err.value)
+    assert not runs_root.exists() or not any(runs_root.iterdir())
+
+
+def test_failure_notice_names_only_paths_that_exist(runs_root: Path) -> None:
+    def notice(run_id: str) -> dict:
+        ds.notify({"dag_run": types.SimpleNamespace(run_id=run_id, state="failed"), "reason": "x"})
+        return json.loads((runs_root / "notifications.jsonl").read_text().splitlines()[-1])
+
+    assert notice("manual__refused")["run_dir"] is None
+    ds.run_dir_for("manual__prepared").mkdir(parents=True)
+    run_dir = notice("manual__prepared")["run_dir"]
+    assert run_dir is not None and Path(run_dir).is_dir()
 
 
 def test_every_form_field_maps_to_a_real_key() -> None:
@@ -36,6 +76,7 @@ def test_run_dir_is_path_safe() -> None:
 def test_local_train_runs_in_place() -> None:
     kwargs = ds.train_task_kwargs(load_config())
     assert "queue" not in kwargs and "executor_config" not in kwargs
+    assert kwargs["pool"] == ds.TRAIN_POOL  # one training at a time; `make airflow` creates the pool
     assert kwargs["retries"] == 2 and kwargs["retry_exponential_backoff"] == 2.0
 
 
@@ -45,46 +86,31 @@ def test_celery_train_goes_to_the_gpu_queue_and_pool() -> None:
     assert kwargs["queue"] == "mi300x" and kwargs["pool"] == "mi300x"
 
 
-def _fake_kubernetes(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The kubernetes client is an optional extra: a recording stand-in for its model classes."""
+def test_kubernetes_train_requests_amd_gpus() -> None:
+    # The real client models (the [kubernetes] extra; CI installs it): they refuse unknown keywords
+    # and bad values, which a stand-in accepting anything would not.
+    if not os.environ.get("CI"):
+        pytest.importorskip("kubernetes.client", reason="pip install -e '.[kubernetes]'")
+    from kubernetes.client import ApiClient
+    from kubernetes.client import models as k8s
 
-    def model(name: str) -> type:
-        def init(self, **kw):
-            self.__dict__.update(kw)
-
-        return type(name, (), {"__init__": init})
-
-    models = types.SimpleNamespace(
-        **{
-            n: model(n)
-            for n in (
-                "V1Pod",
-                "V1ObjectMeta",
-                "V1PodSpec",
-                "V1Toleration",
-                "V1Container",
-                "V1ResourceRequirements",
-            )
-        }
-    )
-    client = types.ModuleType("kubernetes.client")
-    client.models = models  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "kubernetes", types.ModuleType("kubernetes"))
-    monkeypatch.setitem(sys.modules, "kubernetes.client", client)
-
-
-def test_kubernetes_train_requests_amd_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
-    _fake_kubernetes(monkeypatch)
     cfg = load_config(overrides=["orchestrate.train_target=kubernetes", "orchestrate.kubernetes.gpus=8"])
     pod = ds.train_task_kwargs(cfg)["executor_config"]["pod_override"]
+    assert isinstance(pod, k8s.V1Pod)
     container = pod.spec.containers[0]
+    assert container.name == "base"  # the KubernetesExecutor merges the override into its `base` container
     assert container.resources.limits == {"amd.com/gpu": "8"} == container.resources.requests
     assert pod.spec.node_selector == {"amd.com/gpu.product-name": "AMD_Instinct_MI300X_OAM"}
-    assert pod.spec.tolerations[0].key == "amd.com/gpu"
+    (toleration,) = pod.spec.tolerations
+    assert (toleration.key, toleration.operator, toleration.effect) == ("amd.com/gpu", "Exists", "NoSchedule")
+    manifest = ApiClient().sanitize_for_serialization(pod)  # what is sent to the API server
+    assert manifest["metadata"]["namespace"] == "ml"
+    assert manifest["spec"]["containers"][0]["resources"]["limits"] == {"amd.com/gpu": "8"}
 
 
 def test_kubernetes_without_the_extra_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(sys.modules, "kubernetes", None)
+    for name in ("kubernetes", "kubernetes.client"):  # as if not installed, even after the test above
+        monkeypatch.setitem(sys.modules, name, None)
     cfg = load_config(overrides=["orchestrate.train_target=kubernetes"])
     with pytest.raises(UserError, match=r"pip install 'qa-lora\[kubernetes\]'"):
         ds.train_task_kwargs(cfg)
