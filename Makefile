@@ -12,23 +12,35 @@ export GX_ANALYTICS_ENABLED := False
 export MLFLOW_SKIP_PIP_REQUIREMENTS_CHECK := true
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test test-fast bench lint format clean-runs
+# `make airflow`: the Airflow services (UI on http://127.0.0.1:8080) until Ctrl-C; see README.
+.PHONY: setup airflow demo test test-fast bench lint format clean-runs
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	# torch first and pinned: an unpinned torch pulls a multi-GB CUDA build (see README on ROCm nodes)
 	$(BIN)/python -m pip install --quiet -c constraints.txt torch
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
+	# cpu: the CPU ONNX Runtime (exactly one runtime extra per venv); s3, celery, kubernetes: what the
+	# tests run for real (a loopback S3 server, CeleryExecutor on PostgreSQL + Redis, the pod models)
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev,cpu,s3,celery,kubernetes]'
 	touch $(STAMP)
 
 setup: $(STAMP)
 
+airflow: $(STAMP)
+	$(BIN)/python -m scripts.services
+
 demo: $(STAMP)
 	$(BIN)/python -m scripts.demo
 
+# The training, gate and Airflow e2e tests run a second time as the other kind of CPU (bf16 capability
+# flipped with QA_LORA_CPU_BF16), so both precision paths stay green on every machine (README).
+OTHER_CPU = $$($(BIN)/python -c "from tasks.plumbing.device import detect_capabilities as d; print(0 if d('cpu').bf16_native else 1)")
+
 test: $(STAMP)
 	$(BIN)/python -m pytest
+	QA_LORA_CPU_BF16=$(OTHER_CPU) $(BIN)/python -m pytest -m "slow or e2e" \
+	  tests/model/test_train.py tests/model/test_gate_champion.py tests/e2e/test_airflow_e2e.py
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow and not e2e"

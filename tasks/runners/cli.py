@@ -18,6 +18,7 @@ from typing import Any
 
 from tasks.core.errors import UserError
 from tasks.core.logs import setup_logging
+from tasks.core.redact import redact
 from tasks.runners.pipeline import EXTRA, STAGES, resolve_stage
 
 log = logging.getLogger("qa_lora")
@@ -76,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     rollback = sub.add_parser("rollback", help="move the champion alias back to the previous one")
     _common(rollback)
     rollback.add_argument("--reason", default="manual rollback", help="recorded in the version's tags")
+    registry = sub.add_parser("registry", help="`registry repair`: restore or finish a half-migrated store")
+    _common(registry)
+    registry.add_argument("action", choices=["repair"], help="restore the backup or finish the migration")
     return parser
 
 
@@ -87,8 +91,13 @@ def _dispatch(args: argparse.Namespace) -> Any:
     run_dir = Path(args.run_dir) if args.run_dir else cfg.resolve(cfg.runtime.run_dir)
     if args.command == "info":
         from tasks.plumbing.device import describe_device
+        from tasks.plumbing.ort_runtime import describe_runtime
 
-        return describe_device(cfg.runtime.device)
+        return {**describe_device(cfg.runtime.device), "onnxruntime": describe_runtime()}
+    if args.command == "registry":
+        from tasks.plumbing.tracking import repair_registry
+
+        return repair_registry(cfg)
     if args.command in ("promote", "rollback"):
         from tasks.stages import register
 
@@ -98,7 +107,12 @@ def _dispatch(args: argparse.Namespace) -> Any:
         return register.rollback_champion(cfg, reason=args.reason, actor=who)
     if args.command == "base":
         return resolve_stage("base")(cfg)
-    return resolve_stage(args.command)(cfg, run_dir)
+    result = resolve_stage(args.command)(cfg, run_dir)
+    # dvc.yaml's `metrics` are these flat per-stage numbers, not the stages' nested result files.
+    from tasks.runners.dvc_metrics import write_stage_metrics
+
+    write_stage_metrics(args.command, run_dir)
+    return result
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -107,7 +121,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         result = _dispatch(args)
     except UserError as exc:
-        print(f"qa-lora: error: {exc}", file=sys.stderr)
+        print(f"qa-lora: error: {redact(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("qa-lora: interrupted", file=sys.stderr)
