@@ -2,8 +2,9 @@
 
 What a version carries: one MLflow run per pipeline run, whose artifact directory `model/` holds
 `adapter/`, `merged/`, `onnx/`, `reports/` (gate, metrics, summaries, data quality, effective params)
-and the model card as `README.md`. The version's source is that directory, so downloading
-`models:/NAME@champion` gives back the whole tree. (`mlflow.register_model("runs:/...")` expects an
+and the model card as `README.md`, plus an `MLmodel` (python_function flavor over `onnx/`, see
+tasks.plumbing.serving). The version's source is that directory, so downloading `models:/NAME@champion`
+gives back the whole tree, and `mlflow.pyfunc.load_model` / `mlflow models serve` run it. (`mlflow.register_model("runs:/...")` expects an
 MLflow-flavoured model; `create_model_version(source=<artifact uri>)` registers a plain tree.)
 """
 
@@ -69,6 +70,7 @@ def _log_tree(client: Any, rid: str, cfg: Config, layout: RunLayout, gate: dict[
         ("onnx", layout.onnx_dir),
     ):
         client.log_artifacts(rid, str(src), f"{ARTIFACT_PATH}/{part}")
+    _log_pyfunc(client, rid, layout)
     client.log_artifact(rid, str(layout.model_card), ARTIFACT_PATH)
     reports = f"{ARTIFACT_PATH}/reports"
     client.log_artifacts(rid, str(layout.eval_dir), f"{reports}/eval")
@@ -82,6 +84,19 @@ def _log_tree(client: Any, rid: str, cfg: Config, layout: RunLayout, gate: dict[
         metrics=[Metric(k, v, now, 0) for k, v in key_metrics(gate).items()],
         params=[Param(k, str(v)[:6000]) for k, v in flat.items()],
     )
+
+
+def _log_pyfunc(client: Any, rid: str, layout: RunLayout) -> None:
+    """An MLmodel (python_function over the `onnx/` beside it: tasks.plumbing.serving) into the tree, so
+    `mlflow.pyfunc.load_model("models:/NAME@champion")` and `mlflow models serve` work on the version."""
+    import tempfile
+    from pathlib import Path
+
+    from tasks.plumbing.serving import save_pyfunc_model
+
+    with tempfile.TemporaryDirectory(prefix="qa-lora-pyfunc-") as tmp:
+        model_dir = save_pyfunc_model(Path(tmp) / "pyfunc", layout.onnx_dir, copy_onnx=False)
+        client.log_artifacts(rid, str(model_dir), ARTIFACT_PATH)
 
 
 def ensure_registered_model(client: Any, name: str, description: str) -> None:
