@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -138,6 +139,8 @@ def show(run_dir: Path, questions: int = 3) -> None:
     from tasks.plumbing.tracking import setup_mlflow
 
     setup_mlflow(cfg)
+    # MLflow nags about type hints on predict; they are left off on purpose (tasks/plumbing/serving).
+    warnings.filterwarnings("ignore", message="Add type hints to the `predict` method")
     uri = f"models:/{cfg.register.model_name}@champion"
     try:
         model = mlflow.pyfunc.load_model(uri)  # what a downstream team does: no project code imported
