@@ -14,7 +14,6 @@ from typing import Any
 import pytest
 
 from tasks.core.config import load_config
-from tasks.core.errors import UserError
 from tasks.runners.cli import main
 
 WORDS = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliet"]
@@ -354,5 +353,8 @@ def test_dag_start_refuses_bad_conf_that_bypasses_the_form(
     from tasks.runners import airflow as dag_support
 
     monkeypatch.setattr(dag_support, "RUNS_ROOT", tmp_path / "runs")
-    with pytest.raises(UserError, match=expect.replace(".", r"\.")):
+    from airflow.sdk.exceptions import AirflowFailException
+
+    # A user error fails `prepare` once, without retry (AirflowFailException), naming what is wrong.
+    with pytest.raises(AirflowFailException, match=expect.replace(".", r"\.")):
         dag_support.start_run(conf, "manual__bad-conf")
