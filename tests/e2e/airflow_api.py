@@ -19,38 +19,13 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from small_run import write_overlay
 
 from scripts.services import PASSWORD_FILE, Services, airflow_env, prepare_home
 
 DAG_ID = "qa_lora_finetune"
 PRODUCER_ID = "qa_dataset_refresh"
 FINISHED = {"success", "failed"}
-
-# Small but real (as tests/e2e/conftest.py): enough steps for the tiny model to beat its base.
-OVERLAY = """\
-extends: {repo}/params.yaml
-data:
-  source: {tmp}/data/qa.jsonl
-  allowed_roots: [{tmp}/data]
-  dvc_remote: {tmp}/dvc-remote
-train:
-  max_steps: 120
-  save_steps: 60
-  logging_steps: 20
-eval:
-  max_rows: 80
-  max_new_tokens: 32
-  bootstrap_samples: 300
-gate:
-  min_slice_size: 1000
-export:
-  parity_prompts: 4
-  parity_new_tokens: 8
-register:
-  tracking_uri: sqlite:///{tmp}/mlflow.db
-orchestrate:
-{orchestrate}
-"""
 
 
 def free_port() -> int:
@@ -63,10 +38,16 @@ def project_home(tmp: Path, repo: Path, orchestrate: Mapping[str, Any] | None = 
     """Params overlay, a copy of the dataset, and the QA_LORA_* variables that point the DAG at them."""
     (tmp / "data").mkdir(parents=True, exist_ok=True)
     shutil.copy(repo / "data" / "qa.jsonl", tmp / "data" / "qa.jsonl")
-    lines = "\n".join(
-        f"  {k}: {json.dumps(v)}" for k, v in (orchestrate or {"schedule": "0 3 * * 1"}).items()
-    )
-    (tmp / "params.yaml").write_text(OVERLAY.format(repo=repo, tmp=tmp, orchestrate=lines), encoding="utf-8")
+    sections = {
+        "data": {
+            "source": f"{tmp}/data/qa.jsonl",
+            "allowed_roots": [f"{tmp}/data"],
+            "dvc_remote": f"{tmp}/dvc-remote",
+        },
+        "register": {"tracking_uri": f"sqlite:///{tmp}/mlflow.db"},
+        "orchestrate": dict(orchestrate or {"schedule": "0 3 * * 1"}),
+    }
+    write_overlay(tmp / "params.yaml", repo, sections)
     return {"QA_LORA_PARAMS": str(tmp / "params.yaml"), "QA_LORA_RUNS_ROOT": str(tmp / "runs")}
 
 

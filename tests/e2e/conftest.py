@@ -6,37 +6,19 @@ import os
 from pathlib import Path
 
 import pytest
-
-# Small but real: enough steps for the tiny model to beat its base, few eval rows, few parity prompts.
-E2E_PARAMS = """\
-extends: {repo}/params.yaml
-data:
-  dvc_remote: {tmp}/dvc-remote
-train:
-  max_steps: 120
-  save_steps: 60
-  logging_steps: 20
-eval:
-  max_rows: 80
-  max_new_tokens: 32
-  bootstrap_samples: 300
-gate:
-  min_slice_size: 1000   # 80 rows cannot support per-slice gating; the slice rule has its own tests
-export:
-  parity_prompts: 4
-  parity_new_tokens: 8
-register:
-  tracking_uri: sqlite:///{tmp}/mlflow.db
-runtime:
-  run_dir: {tmp}/runs/cli
-"""
+from small_run import write_overlay
 
 
 @pytest.fixture(scope="session")
 def e2e_home(tmp_path_factory: pytest.TempPathFactory, repo_root: Path, tiny_base: Path) -> Path:
     """A temp dir with params.yaml overlay (`e2e.yaml`), the registry and the DVC remote of the session."""
     home = tmp_path_factory.mktemp("e2e")
-    (home / "e2e.yaml").write_text(E2E_PARAMS.format(repo=repo_root, tmp=home), encoding="utf-8")
+    sections = {
+        "data": {"dvc_remote": str(home / "dvc-remote")},
+        "register": {"tracking_uri": f"sqlite:///{home}/mlflow.db"},
+        "runtime": {"run_dir": str(home / "runs" / "cli")},
+    }
+    write_overlay(home / "e2e.yaml", repo_root, sections)
     return home
 
 

@@ -86,7 +86,19 @@ def test_unknown_conf_key_fails_prepare_once(af) -> None:
 def _until_approval(api: Api, run_id: str) -> dict:
     tis = api.wait(DAG_ID, run_id, lambda t: t["approve_promotion"]["state"] in WAITING, what="approval")
     assert tis["approve_promotion"]["state"] in WAITING, states(tis)
+    # A person reads the report before pressing a button. Airflow 3.3.2 has a race when the answer comes
+    # within ~1 s of the pause: the scheduler re-queues the task for the answer, then handles the late
+    # "paused" event from the executor as a state changed externally, retries the task, and the new try
+    # waits for an answer that was already given (seen in CI: the run waited 20 min).
+    time.sleep(5)
     return tis
+
+
+def _answer(api: Api, run_id: str, option: str) -> None:
+    api.respond(DAG_ID, run_id, "approve_promotion", option)
+    tis = api.wait(DAG_ID, run_id, lambda t: t["approve_promotion"]["state"] not in WAITING, 180, "answer")
+    ti = tis["approve_promotion"]
+    assert ti["state"] not in WAITING and ti["try_number"] == 1, f"answer {option!r} not taken: {ti}"
 
 
 def test_approved_run_promotes_the_candidate(af) -> None:
@@ -97,7 +109,7 @@ def test_approved_run_promotes_the_candidate(af) -> None:
         assert tis[task]["state"] == "success", (task, states(tis))
     assert tis["train"]["pool"] == "qa_lora_train"
     assert _champion(tmp) is None  # registered, waiting for a person
-    api.respond(DAG_ID, run_id, "approve_promotion", "Approve")
+    _answer(api, run_id, "Approve")
     state, tis = api.wait_finished(DAG_ID, run_id)
     assert state == "success" and tis["promote"]["state"] == "success", states(tis)
     run = _run_dir(tmp, run_id)
@@ -114,11 +126,16 @@ def test_rejected_run_keeps_the_champion(af) -> None:
     assert before is not None
     run_id = api.trigger(DAG_ID, {"max_steps": 120, "require_approval": True})
     _until_approval(api, run_id)
-    api.respond(DAG_ID, run_id, "approve_promotion", "Reject")
+    _answer(api, run_id, "Reject")
     state, tis = api.wait_finished(DAG_ID, run_id)
     assert state == "success" and tis["promote"]["state"] == "skipped", states(tis)
     assert (_run_dir(tmp, run_id) / "register" / "registration.json").is_file()
     assert _champion(tmp) == before
+    # the gate compared this candidate with the champion fetched from the real registry
+    gate = json.loads((_run_dir(tmp, run_id) / "eval" / "gate.json").read_text())
+    assert gate["champion_version"] == before, gate
+    rule = next(r for r in gate["rules"] if r["name"] == "no_regression:token_f1")
+    assert rule["passed"] and rule["value"] is not None and "over 80 rows" in rule["detail"], rule
 
 
 def test_dataset_update_starts_training_and_a_dead_worker_leaves_none(af) -> None:

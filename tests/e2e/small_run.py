@@ -1,0 +1,30 @@
+"""The one small-but-real run the end-to-end tests use (CLI, DVC and the Airflow services alike).
+
+Enough steps for the tiny model to beat its base, few eval rows, few parity prompts. Each test adds the
+sections that point at its own temp dir (registry, DVC remote, runs root) and writes one params overlay.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+SMALL_RUN: dict[str, dict[str, Any]] = {
+    "train": {"max_steps": 120, "save_steps": 60, "logging_steps": 20},
+    "eval": {"max_rows": 80, "max_new_tokens": 32, "bootstrap_samples": 300},
+    # 80 rows cannot support per-slice gating; the slice rule has its own tests
+    "gate": {"min_slice_size": 1000},
+    "export": {"parity_prompts": 4, "parity_new_tokens": 8},
+}
+
+
+def write_overlay(path: Path, repo: Path, sections: Mapping[str, Mapping[str, Any]]) -> Path:
+    """Write `extends: <repo>/params.yaml` + SMALL_RUN, with `sections` merged in key by key."""
+    doc: dict[str, Any] = {"extends": str(repo / "params.yaml")}
+    for name in dict.fromkeys([*SMALL_RUN, *sections]):
+        doc[name] = {**SMALL_RUN.get(name, {}), **sections.get(name, {})}
+    path.write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
+    return path
