@@ -34,6 +34,7 @@ SMALL = {
         "max_regression": 1.0,
         "min_eos_rate": 0.0,
         "max_empty_rate": 1.0,
+        "max_top_answer_share": 1.0,
     },
     "export": {"parity_prompts": 2, "parity_new_tokens": 4},
 }

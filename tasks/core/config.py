@@ -206,6 +206,14 @@ class GateConfig(_Section):
     min_slice_size: int = Field(20, ge=1)
     min_eos_rate: float = Field(0.5, ge=0.0, le=1.0)
     max_empty_rate: float = Field(0.1, ge=0.0, le=1.0)
+    max_top_answer_share: float = Field(
+        0.5,
+        ge=0.0,
+        le=1.0,
+        title="Max share of one answer",
+        description="Most common (normalized) answer's share of the eval answers; above it the model "
+        "has collapsed to one answer and the gate fails.",
+    )
     on_fail: Literal["skip", "fail"] = Field(
         "skip",
         title="When the gate fails",

@@ -69,6 +69,7 @@ gate:
   max_regression: 1.0
   min_eos_rate: 0.0
   max_empty_rate: 1.0
+  max_top_answer_share: 1.0
   min_slice_size: 1000
 export:
   parity_prompts: 2

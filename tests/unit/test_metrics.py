@@ -7,6 +7,7 @@ import pytest
 
 from tasks.stages.evaluate.metrics import (
     aggregate,
+    answer_diversity,
     bootstrap_ci,
     decide_gate,
     exact_match,
@@ -201,3 +202,27 @@ def test_gate_is_deterministic_for_a_seed() -> None:
     cats = ["a"] * 40 + ["b"] * 40
     base, cand = _rows(list(rng.random(80)), cats), _rows(list(rng.random(80)), cats)
     assert decide_gate(cand, base, None, **GATE) == decide_gate(cand, base, None, **GATE)
+
+
+def test_diversity_counts_normalized_answers() -> None:
+    div = answer_diversity(["A file.", "a file", "The file!", "Return it.", "x"])
+    # "A file." / "a file" / "The file!" normalize to "file"; 3 distinct answers of 5
+    assert div == {"distinct_answer_share": 0.6, "top_answer_share": 0.6, "top_answer": "file"}
+    agg = aggregate([{"prediction": p} for p in ("yes", "no", "no", "no")])
+    assert agg["distinct_answer_share"] == 0.5 and agg["top_answer_share"] == 0.75
+
+
+def test_a_collapsed_candidate_fails_the_top_answer_floor_even_when_it_beats_base() -> None:
+    cats = ["a"] * 40
+    base = _rows([0.0] * 40, cats)
+    collapsed = [
+        {**r, "prediction": "Return the current file." if i % 4 else f"answer {i}"}
+        for i, r in enumerate(_rows([0.6] * 40, cats))
+    ]
+    gate = decide_gate(collapsed, base, None, **{**GATE, "max_top_answer_share": 0.5})
+    failed = {r["name"] for r in gate["rules"] if not r["passed"]}
+    assert failed == {"max_top_answer_share"}
+    rule = _rule(gate, "max_top_answer_share")
+    assert rule["value"] == pytest.approx(0.75) and "return current file" in rule["detail"]
+    varied = [{**r, "prediction": f"answer {i}"} for i, r in enumerate(collapsed)]
+    assert decide_gate(varied, base, None, **{**GATE, "max_top_answer_share": 0.5})["passed"]

@@ -91,6 +91,21 @@ def score_row(prediction: str, reference: str) -> dict[str, float]:
 # ----------------------------------------------------------------------------------------------------
 
 
+def answer_diversity(predictions: Sequence[str]) -> dict[str, Any]:
+    """How question-specific a model's answers are, on SQuAD-normalized text.
+
+    Returns `distinct_answer_share` (distinct answers / answers), `top_answer_share` (share of the most
+    common answer) and `top_answer` (its text). A model that answers every question with one sentence has
+    a high top share whatever its F1.
+    """
+    counts = Counter(normalize_answer(p) for p in predictions)
+    if not counts:
+        return {"distinct_answer_share": float("nan"), "top_answer_share": float("nan"), "top_answer": ""}
+    top, top_n = counts.most_common(1)[0]
+    n = len(predictions)
+    return {"distinct_answer_share": len(counts) / n, "top_answer_share": top_n / n, "top_answer": top}
+
+
 def _mean(values: Sequence[float]) -> float:
     return float(np.mean(values)) if len(values) else float("nan")
 
@@ -99,7 +114,8 @@ def aggregate(rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
     """Model-level metrics from per-row results.
 
     Rows may carry `nll_sum` and `n_answer_tokens` (teacher-forced loss on the answer tokens),
-    `pred_words`, `ref_words`, `gen_tokens`, `ended_with_eos` and `empty`; the matching metrics are
+    `pred_words`, `ref_words`, `gen_tokens`, `ended_with_eos`, `empty` and `prediction` (the answer
+    text, for `distinct_answer_share` / `top_answer_share`); the matching metrics are
     produced when present. The loss is token-weighted (the mean NLL per answer token over all rows),
     as in training; perplexity is its exponential.
     """
@@ -128,6 +144,10 @@ def aggregate(rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
         out["eos_rate"] = _mean([float(bool(r["ended_with_eos"])) for r in rows])
     if rows and "empty" in rows[0]:
         out["empty_rate"] = _mean([float(bool(r["empty"])) for r in rows])
+    if rows and "prediction" in rows[0]:
+        diversity = answer_diversity([str(r["prediction"]) for r in rows])
+        out["distinct_answer_share"] = diversity["distinct_answer_share"]
+        out["top_answer_share"] = diversity["top_answer_share"]
     return out
 
 
@@ -257,6 +277,7 @@ def decide_gate(
     min_slice_size: int,
     min_eos_rate: float,
     max_empty_rate: float,
+    max_top_answer_share: float = 1.0,
     regression_test: str = "mean",
     samples: int = 1000,
     confidence: float = 0.95,
@@ -273,7 +294,8 @@ def decide_gate(
          CI is recorded beside it); with `"noninferiority"` the CI's lower bound must stay above
          `-max_regression` (a formal non-inferiority test: stricter, needs many rows per slice).
          Without a champion, one informational rule records that only the base and floors decide.
-      3. `min_eos_rate` / `max_empty_rate`: sanity floors on the candidate's generations.
+      3. `min_eos_rate` / `max_empty_rate` / `max_top_answer_share`: floors on the candidate's answers
+         (it stops, it answers, and not one answer to many questions: that can still beat a weak base).
 
     Returns:
         {"passed", "decision", "primary_metric", "rules", "reasons", "champion_version",
@@ -291,13 +313,12 @@ def decide_gate(
     rules += _regression_rules(
         vs_champion, primary_metrics, min_slice_size, max_regression, regression_test, pct
     )
-    rules += _floor_rules(aggregate(candidate), min_eos_rate, max_empty_rate)
+    rules += _floor_rules(candidate, min_eos_rate, max_empty_rate, max_top_answer_share)
 
     reasons = [f"{r['name']}: {r['detail']}" for r in rules if not r["passed"]]
-    passed = not reasons
     return {
-        "passed": passed,
-        "decision": "pass" if passed else "fail",
+        "passed": not reasons,
+        "decision": "fail" if reasons else "pass",
         "primary_metric": primary_metric,
         "rules": rules,
         "reasons": reasons,
@@ -355,10 +376,14 @@ def _regression_rules(
     return rules
 
 
-def _floor_rules(cand: Mapping[str, float], min_eos_rate: float, max_empty_rate: float) -> list[dict]:
-    """Sanity floors on the candidate's generations (a model that never stops can score well on F1)."""
+def _floor_rules(
+    candidate: Sequence[Mapping[str, Any]], min_eos_rate: float, max_empty_rate: float, max_top_share: float
+) -> list[dict]:
+    """Sanity floors on the candidate's generations (a model that never stops, or gives one answer to
+    many questions, can score well on F1)."""
+    cand = aggregate(candidate)
     eos, empty = cand.get("eos_rate", float("nan")), cand.get("empty_rate", float("nan"))
-    return [
+    rules = [
         _rule(
             "min_eos_rate",
             eos >= min_eos_rate,
@@ -374,3 +399,17 @@ def _floor_rules(cand: Mapping[str, float], min_eos_rate: float, max_empty_rate:
             f"{empty:.1%} of the candidate's answers are empty; at most {max_empty_rate:.1%} may be",
         ),
     ]
+    if candidate and "prediction" in candidate[0]:
+        div = answer_diversity([str(r["prediction"]) for r in candidate])
+        share = div["top_answer_share"]
+        rules.append(
+            _rule(
+                "max_top_answer_share",
+                share <= max_top_share,
+                share,
+                max_top_share,
+                f"{share:.1%} of the candidate's answers are the same ({div['top_answer'][:80]!r}; "
+                f"{div['distinct_answer_share']:.1%} distinct); at most {max_top_share:.1%} may be",
+            )
+        )
+    return rules

@@ -20,6 +20,8 @@ TABLE_COLUMNS = (
     "perplexity",
     "eos_rate",
     "empty_rate",
+    "distinct_answer_share",
+    "top_answer_share",
     "answer_words_mean",
 )
 

@@ -268,6 +268,7 @@ def _apply_gate(
         min_slice_size=g.min_slice_size,
         min_eos_rate=g.min_eos_rate,
         max_empty_rate=g.max_empty_rate,
+        max_top_answer_share=g.max_top_answer_share,
         regression_test=g.regression_test,
         samples=cfg.eval.bootstrap_samples,
         confidence=cfg.eval.confidence,
