@@ -91,6 +91,7 @@ def choose_precision(
     *,
     key: str,
     cache_file: Path | None,
+    about: Mapping[str, Any] | None = None,
 ) -> Verdict:
     """The measured precision verdict for one (machine, model, batch) `key`, cached in `cache_file`.
 
@@ -99,6 +100,7 @@ def choose_precision(
         measure: tokens/s of a few training steps in the given precision ("fp32" or "bf16").
         key: :func:`cache_key` of this machine, model and batch.
         cache_file: the JSON file holding verdicts by key; None measures every time.
+        about: what was measured, in words a person reads (`qa-lora info` lists it with the verdict).
     """
     options = candidates(bf16_native)
     if len(options) == 1:
@@ -113,9 +115,18 @@ def choose_precision(
     precision, reason = decide(rates)
     verdict = Verdict(precision, rates, reason, key)
     if cache_file is not None:
-        cache[key] = {"precision": precision, "rates": rates, "reason": reason}
+        cache[key] = {"precision": precision, "rates": rates, "reason": reason, "about": dict(about or {})}
         write_json_atomic(cache_file, cache)
     return verdict
+
+
+def cached_verdicts(cache_file: Path) -> list[dict[str, Any]]:
+    """The verdicts measured on this machine so far (what `qa-lora info` prints), oldest first."""
+    return [
+        {"key": key, **{k: entry.get(k) for k in ("about", "precision", "rates", "reason")}}
+        for key, entry in _read_cache(cache_file).items()
+        if isinstance(entry, dict)
+    ]
 
 
 def _read_cache(cache_file: Path | None) -> dict[str, Any]:

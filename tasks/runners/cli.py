@@ -90,10 +90,7 @@ def _dispatch(args: argparse.Namespace) -> Any:
     setup_logging(cfg.runtime.log_level)
     run_dir = Path(args.run_dir) if args.run_dir else cfg.resolve(cfg.runtime.run_dir)
     if args.command == "info":
-        from tasks.plumbing.device import describe_device
-        from tasks.plumbing.ort_runtime import describe_runtime
-
-        return {**describe_device(cfg.runtime.device), "onnxruntime": describe_runtime()}
+        return _info(cfg)
     if args.command == "registry":
         from tasks.plumbing.tracking import repair_registry
 
@@ -113,6 +110,21 @@ def _dispatch(args: argparse.Namespace) -> Any:
 
     write_stage_metrics(args.command, run_dir)
     return result
+
+
+def _info(cfg: Any) -> dict[str, Any]:
+    """The device report, the precision verdicts measured on this machine, and the ONNX Runtime build."""
+    from tasks.plumbing.device import describe_device
+    from tasks.plumbing.ort_runtime import describe_runtime
+    from tasks.plumbing.precision import cached_verdicts
+    from tasks.stages.train.probe import cache_file
+
+    verdicts = {"cache": str(cache_file()), "measured": cached_verdicts(cache_file())}
+    return {
+        **describe_device(cfg.runtime.device),
+        "precision_verdicts": verdicts,
+        "onnxruntime": describe_runtime(),
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> int:

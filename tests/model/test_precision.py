@@ -119,6 +119,23 @@ def test_the_train_stage_measures_both_precisions_on_a_bf16_device(
 
     again = precision_verdict(cfg, layout, base, info, caps)
     assert again is not None and again.cached and again.precision == verdict.precision
+    # `qa-lora info` prints what was measured on this machine, with the verdict and its reason
+    import os
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "tasks.runners.cli", "info"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=os.environ,
+    )
+    assert proc.returncode == 0, proc.stderr
+    (shown,) = json.loads(proc.stdout)["precision_verdicts"]["measured"]
+    assert shown["key"] == verdict.key and shown["reason"] == verdict.reason
+    assert shown["about"]["batch"].startswith("4 x ")  # train.per_device_train_batch_size=4
+    assert str(info["total_params"]) in shown["about"]["model"]
     # Nothing to measure: explicit precision, no native bf16, or a forced capability.
     assert (
         precision_verdict(load_config(overrides=["train.precision=fp32"]), layout, base, info, caps) is None

@@ -74,6 +74,13 @@ def precision_verdict(
         lambda precision: measure_rate(cfg, base, caps, precision, batch_shape),
         key=cache_key(machine, model_shape, batch_shape),
         cache_file=cache_file(),
+        about={
+            "model": f"{info.get('model_type')} {info.get('total_params')} params, LoRA r={cfg.lora.r}",
+            "batch": f"{batch_shape[0]} x {batch_shape[1]} tokens",
+            "device": caps.gpu_names[0]
+            if caps.gpu_names
+            else f"cpu ({', '.join(caps.cpu_flags) or 'no bf16/amx flags'})",
+        },
     )
     log.info("precision verdict%s: %s", " (cached)" if verdict.cached else "", verdict.reason)
     return verdict
