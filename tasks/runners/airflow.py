@@ -188,6 +188,64 @@ def promote_after_approval(run: dict[str, Any]) -> dict[str, Any]:
         raise AirflowFailException(f"promote: {exc}") from None
 
 
+def sweep_params(cfg: Config) -> dict[str, Any]:
+    """The sweep DAG's form: the run's fields plus `sweep`, a list of recipe overrides (one per candidate)."""
+    from airflow.sdk import Param
+
+    example = [
+        {"lora.r": cfg.lora.r},
+        {"lora.r": cfg.lora.r * 2, "train.learning_rate": cfg.train.learning_rate},
+    ]
+    sweep = Param(
+        example,
+        type="array",
+        items={"type": "object"},
+        minItems=1,
+        title="Sweep points",
+        description="One object of lora.* / train.* overrides per candidate; the best by the gate's "
+        "primary metric goes on to the gate, export and register.",
+    )
+    return {**trigger_params(cfg), "sweep": sweep}
+
+
+def start_sweep(params: dict[str, Any], run_id: str) -> dict[str, Any]:
+    """The sweep DAG's first task: the run (as `start_run`) and its checked sweep points."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from tasks.runners.sweep import sweep_points
+
+    params = dict(params)
+    try:
+        points = sweep_points(params.pop("sweep", None))
+    except UserError as exc:
+        raise AirflowFailException(f"prepare: {exc}") from None
+    return {**start_run(params, run_id), "sweep": points}
+
+
+def sweep_candidates(run: dict[str, Any]) -> list[dict[str, Any]]:
+    """One candidate run per sweep point (what training and evaluation are mapped over)."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from tasks.runners.sweep import prepare_candidates
+
+    try:
+        return prepare_candidates(Path(run["run_dir"]), run["sweep"])
+    except UserError as exc:
+        raise AirflowFailException(f"candidates: {exc}") from None
+
+
+def pick_sweep_winner(run: dict[str, Any], candidates: list[dict[str, Any]]) -> dict[str, Any]:
+    """The best evaluated candidate becomes the run's; the gate, export and register follow on it."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from tasks.runners.sweep import pick_winner
+
+    try:
+        return pick_winner(Path(run["run_dir"]), candidates)
+    except UserError as exc:
+        raise AirflowFailException(f"pick_winner: {exc}") from None
+
+
 def train_task_kwargs(cfg: Config) -> dict[str, Any]:
     """Operator arguments that send the train task to the GPU node (Celery queue/pool or a k8s pod)."""
     o = cfg.orchestrate
@@ -289,7 +347,7 @@ def notify(context: dict[str, Any]) -> None:
     run_dir = run_dir_for(run_id)  # named only when it exists: a run refused at `prepare` never made it
     record = {
         "time": datetime.now(UTC).isoformat(timespec="seconds"),
-        "dag_id": DAG_ID,
+        "dag_id": getattr(dag_run, "dag_id", DAG_ID),
         "run_id": run_id,
         "state": state,
         "failed_task": getattr(ti, "task_id", None) if "fail" in state else None,

@@ -129,3 +129,21 @@ def test_unpausing_never_runs_a_past_slot(dagbag, monkeypatch: pytest.MonkeyPatc
     info = dag.next_dagrun_info(last_automated_run_info=None)
     assert info is not None and info.run_after > now, info
     assert dag.start_date is None and dag.catchup is False
+
+
+def test_sweep_dag_maps_training_and_evaluation_and_takes_one_winner_on(dagbag) -> None:
+    from airflow.sdk.definitions.param import ParamValidationError
+
+    dag = dagbag.dags["qa_lora_sweep"]
+    assert dag.schedule is None and dag.max_active_runs == 1  # manual only
+    train, evaluate = dag.get_task("train"), dag.get_task("evaluate")
+    assert train.is_mapped and evaluate.is_mapped and not dag.get_task("gate").is_mapped
+    assert train.pool == dagbag.dags["qa_lora_finetune"].get_task("train").pool  # one training per slot
+    assert dag.get_task("candidates").downstream_task_ids == {"train"}
+    assert "pick_winner" in evaluate.downstream_task_ids
+    assert dag.get_task("pick_winner").downstream_task_ids == {"gate"}
+    assert dag.get_task("gate").downstream_task_ids == {"export"}
+    sweep = dag.params.get_param("sweep")
+    assert len(sweep.resolve([{"lora.r": 4}, {"lora.r": 8}])) == 2
+    with pytest.raises(ParamValidationError):
+        sweep.resolve([])

@@ -24,23 +24,29 @@ def _airflow(env: dict[str, str], *args: str, timeout: int = 1500) -> subprocess
     return subprocess.run([airflow, *args], env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def _trigger(env: dict[str, str], conf: dict | None = None) -> tuple[str, dict[str, str], Path]:
-    """Run the DAG once; return (run id, task states, run dir)."""
-    before = {r["run_id"] for r in _runs(env)}
-    args = ["dags", "test", DAG_ID] + (["-c", json.dumps(conf)] if conf else [])
+def _trigger(
+    env: dict[str, str], conf: dict | None = None, dag_id: str = DAG_ID
+) -> tuple[str, dict[str, str], Path]:
+    """Run the DAG once; return (run id, task states, run dir). A mapped task's state is its instances'
+    states joined with "," (e.g. "success,success")."""
+    before = {r["run_id"] for r in _runs(env, dag_id)}
+    args = ["dags", "test", dag_id] + (["-c", json.dumps(conf)] if conf else [])
     proc = _airflow(env, *args)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    (new,) = [r for r in _runs(env) if r["run_id"] not in before]
-    states = _airflow(env, "tasks", "states-for-dag-run", DAG_ID, new["run_id"], "-o", "json")
-    task_states = {t["task_id"]: t["state"] for t in _json_list(states.stdout)}
+    (new,) = [r for r in _runs(env, dag_id) if r["run_id"] not in before]
+    states = _airflow(env, "tasks", "states-for-dag-run", dag_id, new["run_id"], "-o", "json")
+    task_states: dict[str, str] = {}
+    for t in sorted(_json_list(states.stdout), key=lambda t: int(t.get("map_index", -1))):
+        joined = f"{task_states[t['task_id']]},{t['state']}" if t["task_id"] in task_states else t["state"]
+        task_states[t["task_id"]] = joined
     from tasks.runners.airflow import run_dir_for
 
     run_dir = Path(env["QA_LORA_RUNS_ROOT"]) / run_dir_for(new["run_id"]).name
     return new["run_id"], task_states, run_dir
 
 
-def _runs(env: dict[str, str]) -> list[dict]:
-    proc = _airflow(env, "dags", "list-runs", DAG_ID, "-o", "json", timeout=120)
+def _runs(env: dict[str, str], dag_id: str = DAG_ID) -> list[dict]:
+    proc = _airflow(env, "dags", "list-runs", dag_id, "-o", "json", timeout=120)
     return _json_list(proc.stdout) if proc.returncode == 0 else []
 
 
@@ -126,3 +132,24 @@ def test_sabotaged_run_fails_the_gate_and_changes_nothing(good_run, airflow_env,
     assert gate["passed"] is False and gate["reasons"]
     assert not (run / "export").exists() and not (run / "register").exists()
     assert _champion(e2e_home) == before
+
+
+def test_sweep_takes_the_best_candidate_to_the_registry(good_run, airflow_env, e2e_home: Path) -> None:
+    """Two points, one sabotaged (it cannot learn): the other wins, passes the gate and is registered;
+    the loser stays on disk with its reports, and the run's report lists both."""
+    from tasks.core.config import load_config
+
+    recipe = {"lora.r": load_config(Path(airflow_env["QA_LORA_PARAMS"])).lora.r}
+    sweep = [{"train.learning_rate": 1e-9, "train.max_steps": 5}, recipe]
+    _, states, run = _trigger(airflow_env, {"sweep": sweep}, dag_id="qa_lora_sweep")
+    assert states["train"] == states["evaluate"] == "success,success", states
+    for task in ("candidates", "pick_winner", "gate", "export", "register"):
+        assert states[task] == "success", (task, states)
+    summary = json.loads((run / "eval" / "sweep.json").read_text())
+    scores = {c["candidate"]: c["score"] for c in summary["candidates"]}
+    assert summary["winner"] == 1 and summary["point"] == recipe and scores[1] > scores[0], summary
+    assert (run / "sweep" / "c0" / "eval" / "eval_report.md").is_file()  # the loser is kept
+    assert "## Sweep" in (run / "eval" / "eval_report.md").read_text()
+    registration = json.loads((run / "register" / "registration.json").read_text())
+    champion = _champion(e2e_home)
+    assert champion is not None and str(champion[0]) == str(registration["version"])

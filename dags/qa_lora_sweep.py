@@ -1,0 +1,99 @@
+"""
+# qa_lora_sweep
+
+A hyper-parameter sweep as one pipeline run: **validate** and **version** the dataset once, then
+**train** and **evaluate** one candidate per sweep point (dynamic task mapping; the train pool keeps one
+training at a time per slot), **pick** the best by the gate's primary metric, and take it on to the
+**gate**, **export** and **register**, exactly as `qa_lora_finetune` does.
+
+* Manual only: *Trigger DAG w/ config*; `sweep` is a list of `lora.*` / `train.*` overrides, e.g.
+  `[{"lora.r": 8}, {"lora.r": 16, "train.learning_rate": 0.003}]`; the other fields are the run's.
+* Every candidate is kept under `runs/<run id>/sweep/c<i>/` with its reports and MLflow training run;
+  the run's `eval/eval_report.md` lists them all, and `eval/sweep.json` names the winner.
+* Promotion follows `register.promote` (no approval step here: approve later with `qa-lora promote`).
+
+This file only wires: the code is `tasks/runners/sweep.py` and the stages in `tasks/`.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from airflow.sdk import dag, get_current_context, task
+
+from tasks.runners import airflow as ds
+
+CFG = ds.default_config()
+
+
+@dag(
+    dag_id="qa_lora_sweep",
+    description="LoRA sweep: train and evaluate one candidate per point, take the best to the registry",
+    doc_md=__doc__,
+    schedule=None,
+    catchup=False,
+    max_active_runs=1,
+    params=ds.sweep_params(CFG),
+    tags=["qa-lora", "llm", "lora", "sweep"],
+    default_args={
+        "owner": "ml-platform",
+        "retries": 1,
+        "retry_delay": timedelta(minutes=1),
+        "execution_timeout": timedelta(minutes=CFG.orchestrate.stage_timeout_minutes),
+    },
+    on_success_callback=ds.notify,
+    on_failure_callback=ds.notify,
+)
+def qa_lora_sweep() -> None:
+    @task
+    def prepare() -> dict:
+        ctx = get_current_context()
+        return ds.start_sweep(dict(ctx["params"]), ctx["run_id"])
+
+    @task
+    def validate(run: dict) -> dict:
+        return ds.execute_stage("validate", run)
+
+    @task(retries=3, retry_exponential_backoff=2.0)  # the DVC remote may be briefly unavailable
+    def version(run: dict, _validated: dict) -> dict:
+        return ds.execute_stage("version", run)
+
+    @task
+    def candidates(run: dict, _versioned: dict) -> list[dict]:
+        return ds.sweep_candidates(run)
+
+    @task(**ds.train_task_kwargs(CFG))
+    def train(candidate: dict) -> dict:
+        ds.execute_stage("train", candidate)
+        return candidate
+
+    @task
+    def evaluate(candidate: dict) -> dict:
+        ds.execute_stage("evaluate", candidate)
+        return candidate
+
+    @task
+    def pick_winner(run: dict, evaluated: list[dict]) -> dict:
+        return ds.pick_sweep_winner(run, list(evaluated))
+
+    @task.short_circuit
+    def gate(run: dict, _picked: dict) -> bool:
+        return ds.check_gate(run)
+
+    @task
+    def export(run: dict) -> dict:
+        return ds.execute_stage("export", run)
+
+    @task(retries=3, retry_exponential_backoff=2.0)  # the registry may be briefly unavailable
+    def register(run: dict, _exported: dict) -> dict:
+        return ds.execute_stage("register", run)
+
+    run = prepare()
+    points = candidates(run, version(run, validate(run)))
+    evaluated = evaluate.expand(candidate=train.expand(candidate=points))
+    exported = export(run)
+    gate(run, pick_winner(run, evaluated)) >> exported
+    register(run, exported)
+
+
+qa_lora_sweep()
