@@ -22,6 +22,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from tasks.core.errors import UserError
+from tasks.core.redact import redact
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the checkout that holds this code
 
@@ -206,14 +207,8 @@ class GateConfig(_Section):
     min_slice_size: int = Field(20, ge=1)
     min_eos_rate: float = Field(0.5, ge=0.0, le=1.0)
     max_empty_rate: float = Field(0.1, ge=0.0, le=1.0)
-    max_top_answer_share: float = Field(
-        0.5,
-        ge=0.0,
-        le=1.0,
-        title="Max share of one answer",
-        description="Most common (normalized) answer's share of the eval answers; above it the model "
-        "has collapsed to one answer and the gate fails.",
-    )
+    # the most common (normalized) answer's share of the eval answers: above it the model has collapsed
+    max_top_answer_share: float = Field(0.5, ge=0.0, le=1.0)
     on_fail: Literal["skip", "fail"] = Field(
         "skip",
         title="When the gate fails",
@@ -238,10 +233,30 @@ class ExportConfig(_Section):
 
 class RegisterConfig(_Section):
     tracking_uri: str = "sqlite:///mlflow.db"
+    # Artifacts of a database store: None = mlartifacts/ beside a SQLite file; s3://bucket/prefix (the
+    # credentials come from AWS_* variables, never from here). A tracking server decides for itself.
+    artifact_location: str | None = None
     experiment: str = "qa-lora"
     model_name: str = "qa-lora"
     promote: bool = Field(True, title="Promote to champion if the gate passes")
     require_approval: bool = Field(False, title="Require human approval before promotion")
+
+    @field_validator("artifact_location")
+    @classmethod
+    def _artifact_location(cls, value: str | None) -> str | None:
+        from urllib.parse import urlsplit
+
+        if value is None:
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in ("s3", "gs", "file"):
+            raise ValueError("expected s3://bucket/prefix, gs://bucket/prefix or file:///absolute/path")
+        if parts.username or parts.password:
+            raise ValueError(
+                "credentials do not belong in params: use AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY "
+                "(or the cloud's own variables)"
+            )
+        return value
 
 
 class RuntimeConfig(_Section):
@@ -390,7 +405,7 @@ def _describe(error: dict[str, Any], model: type[BaseModel]) -> str:
                 break
         allowed = ", ".join(section.model_fields) if isinstance(section, type) else "?"
         return f"unknown key {loc!r}; allowed keys here: {allowed}"
-    return f"{loc}: {error['msg'].lower()} (got {got!r})"
+    return redact(f"{loc}: {error['msg'].lower()} (got {got!r})")  # a refused URI may carry a password
 
 
 def load_config(

@@ -37,11 +37,36 @@ def resolve_tracking_uri(uri: str, root: Path = REPO_ROOT) -> str:
 
 
 def artifact_root(cfg: Config) -> str:
-    """Where MLflow stores run artifacts for a local store: mlartifacts/ beside the registry database."""
+    """Where MLflow stores run artifacts (a URI): `register.artifact_location`, else mlartifacts/ beside a
+    SQLite registry; "" when a tracking server decides."""
+    if cfg.register.artifact_location:
+        return cfg.register.artifact_location
     uri = resolve_tracking_uri(cfg.register.tracking_uri)
     if uri.startswith("sqlite:///"):
-        return str(Path(uri[len("sqlite:///") :]).parent / "mlartifacts")
-    return ""  # a tracking server decides
+        return (Path(uri[len("sqlite:///") :]).parent / "mlartifacts").as_uri()
+    return ""
+
+
+@contextmanager
+def artifact_store_errors(location: str | None) -> Iterator[None]:
+    """An artifact store fault (S3 endpoint, bucket, credentials) as one redacted line, not a traceback.
+
+    Raises:
+        StoreUnavailable: naming `register.artifact_location` and the store's own message (Airflow
+            retries the task: the endpoint may come back, or the bucket and key be fixed meanwhile).
+    """
+    try:
+        yield
+    except Exception as exc:
+        if type(exc).__module__.split(".")[0] not in ("botocore", "boto3", "s3transfer"):
+            raise
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise StoreUnavailable(
+            redact(
+                f"register.artifact_location={location!r}: the artifact store failed "
+                f"({type(exc).__name__}: {first})"
+            )
+        ) from None
 
 
 def setup_mlflow(cfg: Config) -> str:
@@ -66,10 +91,9 @@ def setup_mlflow(cfg: Config) -> str:
             exp = client.get_experiment_by_name(cfg.register.experiment)
             if exp is None:
                 root = artifact_root(cfg)
-                exp_id = client.create_experiment(
-                    cfg.register.experiment, artifact_location=Path(root).as_uri() if root else None
-                )
+                exp_id = client.create_experiment(cfg.register.experiment, artifact_location=root or None)
             else:
+                _same_location(cfg, exp.artifact_location)
                 exp_id = exp.experiment_id
     except (MlflowException, SQLAlchemyError, sqlite3.Error, OSError) as exc:
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
@@ -87,6 +111,16 @@ def setup_mlflow(cfg: Config) -> str:
         ) from None
     mlflow.set_experiment(experiment_id=exp_id)
     return exp_id
+
+
+def _same_location(cfg: Config, existing: str) -> None:
+    """An experiment keeps the artifact location it was created with: a changed setting is refused."""
+    wanted = cfg.register.artifact_location
+    if wanted and existing.rstrip("/") != wanted.rstrip("/"):
+        raise UserError(
+            f"register.artifact_location={wanted!r}: experiment {cfg.register.experiment!r} stores its "
+            f"artifacts in {redact(existing)!r}; name a new register.experiment to use another location"
+        )
 
 
 @contextmanager

@@ -220,3 +220,12 @@ def test_project_root_follows_the_working_checkout(tmp_path: Path, repo_root: Pa
     (tmp_path / "dvc.yaml").write_text("stages: {}\n")
     assert root(tmp_path) == [str(tmp_path.resolve()), str(tmp_path.resolve() / "params.yaml")]
     assert root(tmp_path, QA_LORA_ROOT=str(repo_root))[0] == str(repo_root)
+
+
+def test_artifact_location_takes_a_bucket_never_its_credentials() -> None:
+    assert load_config(overrides=["register.artifact_location=s3://bucket/mlflow"]).register.artifact_location
+    with pytest.raises(UserError, match=r"register\.artifact_location: .*credentials do not belong") as err:
+        load_config(overrides=["register.artifact_location=s3://AKIAKEY:s3cr3t@bucket/mlflow"])
+    assert "s3cr3t" not in str(err.value)
+    with pytest.raises(UserError, match=r"register\.artifact_location: .*expected s3://bucket/prefix"):
+        load_config(overrides=["register.artifact_location=ftp://host/x"])

@@ -18,6 +18,7 @@ from tasks.core.config import Config
 from tasks.core.errors import UserError
 from tasks.core.layout import RunLayout
 from tasks.plumbing.registry import RUN_ID_TAG
+from tasks.plumbing.tracking import artifact_store_errors
 from tasks.stages.register.lineage import key_metrics, optional_reports
 
 log = logging.getLogger("qa_lora.register")
@@ -51,7 +52,8 @@ def upload_run(
     rid = run.info.run_id
     try:
         t0 = time.monotonic()
-        _log_tree(client, rid, cfg, layout, gate)
+        with artifact_store_errors(cfg.register.artifact_location):
+            _log_tree(client, rid, cfg, layout, gate)
         log.info("uploaded the artifact tree in %.1fs", time.monotonic() - t0)
     except BaseException:
         client.set_terminated(rid, status="FAILED")

@@ -80,7 +80,10 @@ def write_outputs(ctx: Context, summary: dict[str, Any], run_id: str | None) -> 
     rows = [f"{h['step']},{h['loss']:.6f},{h.get('learning_rate', 0.0):.6g}" for h in summary["loss_history"]]
     write_text_atomic(layout.loss_csv, "\n".join(["step,loss,learning_rate", *rows]) + "\n")
     if run_id:
-        finish_mlflow_run(run_id, summary, layout.train_summary)
+        from tasks.plumbing.tracking import artifact_store_errors
+
+        with artifact_store_errors(ctx.cfg.register.artifact_location):
+            finish_mlflow_run(run_id, summary, layout.train_summary)
     log.info(
         "trained %d steps (%.2f epochs) in %.0fs: %.0f tokens/s, eval loss %s -> %.4f; adapter at %s",
         summary["steps"],
