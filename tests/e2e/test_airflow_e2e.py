@@ -36,7 +36,7 @@ def _trigger(
     (new,) = [r for r in _runs(env, dag_id) if r["run_id"] not in before]
     states = _airflow(env, "tasks", "states-for-dag-run", dag_id, new["run_id"], "-o", "json")
     task_states: dict[str, str] = {}
-    for t in sorted(_json_list(states.stdout), key=lambda t: int(t.get("map_index", -1))):
+    for t in sorted(_json_list(states.stdout), key=lambda t: int(t.get("map_index") or -1)):
         joined = f"{task_states[t['task_id']]},{t['state']}" if t["task_id"] in task_states else t["state"]
         task_states[t["task_id"]] = joined
     from tasks.runners.airflow import run_dir_for
