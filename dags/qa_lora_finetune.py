@@ -24,6 +24,7 @@ from airflow.providers.standard.operators.hitl import ApprovalOperator
 from airflow.sdk import dag, get_current_context, task
 
 from tasks.runners import airflow as ds
+from tasks.runners.airflow_tasks import export, gate, register, validate, version
 
 CFG = ds.default_config()
 STAGE_TIMEOUT = timedelta(minutes=CFG.orchestrate.stage_timeout_minutes)
@@ -56,14 +57,6 @@ def qa_lora_finetune() -> None:
         ctx = get_current_context()
         return ds.start_run(dict(ctx["params"]), ctx["run_id"])
 
-    @task
-    def validate(run: dict) -> dict:
-        return ds.execute_stage("validate", run)
-
-    @task(retries=3, retry_exponential_backoff=2.0)  # the DVC remote may be briefly unavailable
-    def version(run: dict, _validated: dict) -> dict:
-        return ds.execute_stage("version", run)
-
     @task(**ds.train_task_kwargs(CFG))
     def train(run: dict, _versioned: dict) -> dict:
         return ds.execute_stage("train", run)
@@ -71,18 +64,6 @@ def qa_lora_finetune() -> None:
     @task
     def evaluate(run: dict, _trained: dict) -> dict:
         return ds.execute_stage("evaluate", run)
-
-    @task.short_circuit
-    def gate(run: dict, _evaluated: dict) -> bool:
-        return ds.check_gate(run)
-
-    @task
-    def export(run: dict) -> dict:  # merge + ONNX export + parity checks
-        return ds.execute_stage("export", run)
-
-    @task(retries=3, retry_exponential_backoff=2.0)  # the registry may be briefly unavailable
-    def register(run: dict, _exported: dict) -> dict:
-        return ds.execute_stage("register", run)
 
     @task.short_circuit
     def approval_required(run: dict, _registered: dict) -> bool:

@@ -22,6 +22,7 @@ from datetime import timedelta
 from airflow.sdk import dag, get_current_context, task
 
 from tasks.runners import airflow as ds
+from tasks.runners.airflow_tasks import export, gate, register, validate, version
 
 CFG = ds.default_config()
 
@@ -51,14 +52,6 @@ def qa_lora_sweep() -> None:
         return ds.start_sweep(dict(ctx["params"]), ctx["run_id"])
 
     @task
-    def validate(run: dict) -> dict:
-        return ds.execute_stage("validate", run)
-
-    @task(retries=3, retry_exponential_backoff=2.0)  # the DVC remote may be briefly unavailable
-    def version(run: dict, _validated: dict) -> dict:
-        return ds.execute_stage("version", run)
-
-    @task
     def candidates(run: dict, _versioned: dict) -> list[dict]:
         return ds.sweep_candidates(run)
 
@@ -75,18 +68,6 @@ def qa_lora_sweep() -> None:
     @task
     def pick_winner(run: dict, evaluated: list[dict]) -> dict:
         return ds.pick_sweep_winner(run, list(evaluated))
-
-    @task.short_circuit
-    def gate(run: dict, _picked: dict) -> bool:
-        return ds.check_gate(run)
-
-    @task
-    def export(run: dict) -> dict:
-        return ds.execute_stage("export", run)
-
-    @task(retries=3, retry_exponential_backoff=2.0)  # the registry may be briefly unavailable
-    def register(run: dict, _exported: dict) -> dict:
-        return ds.execute_stage("register", run)
 
     run = prepare()
     points = candidates(run, version(run, validate(run)))

@@ -1,0 +1,33 @@
+"""The TaskFlow tasks both DAGs share (qa_lora_finetune and qa_lora_sweep), each a call into
+tasks.runners.airflow. Only DAG files import this module: it imports the Airflow SDK at top level."""
+
+from __future__ import annotations
+
+from airflow.sdk import task
+
+from tasks.runners import airflow as ds
+
+
+@task
+def validate(run: dict) -> dict:
+    return ds.execute_stage("validate", run)
+
+
+@task(retries=3, retry_exponential_backoff=2.0)  # the DVC remote may be briefly unavailable
+def version(run: dict, _validated: dict) -> dict:
+    return ds.execute_stage("version", run)
+
+
+@task.short_circuit
+def gate(run: dict, _evaluated: dict) -> bool:
+    return ds.check_gate(run)
+
+
+@task
+def export(run: dict) -> dict:  # merge + ONNX export + parity checks
+    return ds.execute_stage("export", run)
+
+
+@task(retries=3, retry_exponential_backoff=2.0)  # the registry may be briefly unavailable
+def register(run: dict, _exported: dict) -> dict:
+    return ds.execute_stage("register", run)
