@@ -16,6 +16,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -230,6 +231,48 @@ def test_an_experiment_reruns_train_onwards_and_exp_show_fits(checkout) -> None:
         assert re.search(rf"(^|\s){re.escape(column)}(\s|$)", header), header
     assert "lr-3e-3" in table
     assert max(map(len, lines)) <= WIDTH, table
+
+
+def test_a_queued_sweep_runs_one_training_at_a_time_and_ranks(checkout) -> None:
+    """The README's sweep: queue a grid, run it with one worker, rank it by the primary metric."""
+    repo, env = checkout
+    _sh(["dvc", "exp", "run", "--queue", "-S", "lora.r=4,16"], repo, env)
+    _sh(["dvc", "queue", "start", "-j", "1"], repo, env)
+    try:
+        deadline = time.monotonic() + 900
+        while time.monotonic() < deadline:
+            status = _sh(["dvc", "queue", "status"], repo, env)
+            if not re.search(r"\b(Queued|Running)\b", status):
+                break
+            time.sleep(5)
+        assert status.count("Success") >= 2 and "Failed" not in status, status
+    finally:
+        subprocess.run(["dvc", "queue", "stop"], cwd=repo, env=env, capture_output=True, timeout=300)
+    swept = {}  # lora.r -> (token_f1, experiment name)
+    for exp in _experiments(json.loads(_sh(["dvc", "exp", "show", "--json"], repo, env))):
+        r = exp["data"]["params"]["params.yaml"]["data"]["lora"]["r"]
+        f1 = exp["data"]["metrics"].get("runs/dvc/metrics/eval.json", {}).get("data", {}).get("token_f1")
+        if r in (4, 16) and f1 is not None:
+            swept[r] = (f1, exp.get("name") or exp["data"].get("name"))
+    assert set(swept) == {4, 16}, swept
+    wide_env = {**env, "COLUMNS": "1000"}
+    table = _sh([*EXP_SHOW, *EXP_KEEP, "--sort-by", "token_f1", "--sort-order", "desc"], repo, wide_env)
+    ranked = sorted(swept.values(), reverse=True)
+    names = [name for _, name in ranked]
+    assert all(name and name in table for name in names), (names, table)
+    assert ranked[0][0] == ranked[1][0] or table.index(names[0]) < table.index(names[1]), table
+
+
+def _experiments(obj: object) -> list[dict]:
+    """Every entry of `dvc exp show --json` with params (the workspace, the baseline, experiments)."""
+    found: list[dict] = []
+    if isinstance(obj, dict):
+        if isinstance(obj.get("data"), dict) and "params" in obj["data"]:
+            found.append(obj)
+        obj = list(obj.values())
+    for item in obj if isinstance(obj, list) else []:
+        found += _experiments(item)
+    return found
 
 
 def _find_named(obj: object, name: str) -> dict:

@@ -23,7 +23,7 @@ LOAD_CHAMPION = """\
 import sys, mlflow
 mlflow.set_registry_uri(sys.argv[1])
 model = mlflow.pyfunc.load_model("models:/qa-lora@champion")
-print(model.predict(["What does zip() return?"])["answer"][0])
+print(model.predict({"question": ["What does zip() return?"]})["answer"][0])
 """
 
 
@@ -67,7 +67,8 @@ def test_the_model_is_uploaded_to_the_bucket_and_registered_from_it(registration
     registration = json.loads((ok["run"] / "register" / "registration.json").read_text())
     assert registration["uris"]["source"].startswith(f"s3://{S3_BUCKET}/mlflow/"), registration
     (version,) = ok["registry"]["versions"]
-    assert version["source"].startswith(f"s3://{S3_BUCKET}/mlflow/") and "champion" in version["aliases"]
+    assert version["source"].startswith(f"s3://{S3_BUCKET}/mlflow/")
+    assert ok["registry"]["aliases"].get("champion") == version["version"]
     keys = set(registrations["objects"])
     for part in ("MLmodel", "onnx/model.onnx", "adapter/adapter_config.json", "README.md"):
         assert any(k.startswith("mlflow/") and k.endswith(f"/artifacts/model/{part}") for k in keys), part
