@@ -119,7 +119,8 @@ def _info(cfg: Any) -> dict[str, Any]:
     from tasks.plumbing.precision import cached_verdicts
     from tasks.stages.train.probe import cache_file
 
-    verdicts = {"cache": str(cache_file()), "measured": cached_verdicts(cache_file())}
+    cache = cache_file()
+    verdicts = {"cache": str(cache), "measured": cached_verdicts(cache)}
     return {
         **describe_device(cfg.runtime.device),
         "precision_verdicts": verdicts,

@@ -22,6 +22,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from tasks.core.artifacts import read_json, write_json_atomic, write_text_atomic
 from tasks.core.config import load_config, save_config
 from tasks.core.errors import UserError
 from tasks.core.layout import EFFECTIVE_PARAMS, RunLayout, read_gate
@@ -103,9 +104,9 @@ def pick_winner(run_dir: Path, candidates: Sequence[Mapping[str, Any]]) -> dict[
         "primary_metric": best["metric"],
         "candidates": rows,
     }
-    (parent.eval_dir / "sweep.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    with parent.eval_report.open("a", encoding="utf-8") as report:
-        report.write("\n" + sweep_section(rows))
+    write_json_atomic(parent.eval_dir / "sweep.json", summary)
+    report = parent.eval_report.read_text(encoding="utf-8")
+    write_text_atomic(parent.eval_report, report + "\n" + sweep_section(rows))
     log.info(
         "sweep: candidate %d wins (%s = %.4f): %s",
         best["candidate"],
@@ -120,7 +121,7 @@ def _score(candidate: Mapping[str, Any]) -> dict[str, Any]:
     layout = RunLayout.of(candidate["run_dir"])
     gate = read_gate(layout.root)
     metric = str(gate["primary_metric"])
-    metrics = json.loads(layout.eval_metrics.read_text(encoding="utf-8"))
+    metrics = read_json(layout.eval_metrics)
     ci = metrics.get("candidate_minus_base", {}).get(metric, {})
     return {
         "candidate": int(candidate["candidate"]),
