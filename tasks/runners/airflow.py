@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 import os
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -87,6 +89,20 @@ def overrides_from_params(params: dict[str, Any]) -> list[tuple[str, Any]]:
     return [(PARAM_KEYS[name], value) for name, value in params.items()]
 
 
+@contextmanager
+def _fails_once(task: str) -> Iterator[None]:
+    """A user error (bad data or params: retrying cannot help) fails the task once, in one line naming
+    the task; an unavailable registry or remote (StoreUnavailable) is left to Airflow's retries."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    try:
+        yield
+    except StoreUnavailable:
+        raise
+    except UserError as exc:
+        raise AirflowFailException(f"{task}: {exc}") from None
+
+
 def run_dir_for(run_id: str) -> Path:
     """runs/<run id>, with characters that are awkward in paths replaced."""
     return RUNS_ROOT / re.sub(r"[^A-Za-z0-9_.-]+", "_", run_id).strip("._")
@@ -98,36 +114,24 @@ def start_run(params: dict[str, Any], run_id: str) -> dict[str, Any]:
     A user error (unknown conf key, a value the config refuses, a data source outside the allowed roots)
     fails the task once, without retries, with one line naming the key or file.
     """
-    from airflow.sdk.exceptions import AirflowFailException
-
     from tasks.runners.lifeline import end_with_parent
     from tasks.runners.pipeline import prepare_run
 
     end_with_parent()
-    try:
+    with _fails_once("prepare"):
         cfg = load_config(PARAMS_FILE, overrides_from_params(params))
         return prepare_run(cfg, run_dir_for(run_id))
-    except StoreUnavailable:
-        raise
-    except UserError as exc:
-        raise AirflowFailException(f"prepare: {exc}") from None
 
 
 def execute_stage(name: str, run: dict[str, Any]) -> dict[str, Any]:
     """Run one stage for a prepared run; a user error fails the task without retries."""
-    from airflow.sdk.exceptions import AirflowFailException
-
     from tasks.runners.lifeline import end_with_parent
     from tasks.runners.pipeline import load_run_config, run_stage
 
     end_with_parent()  # training (and torchrun's workers) must not outlive a killed worker
     run_dir = Path(run["run_dir"])
-    try:
+    with _fails_once(name):
         return run_stage(name, load_run_config(run_dir), run_dir)
-    except StoreUnavailable:  # a registry or remote that may come back: let Airflow retry the task
-        raise
-    except UserError as exc:  # bad data or params: retrying cannot help
-        raise AirflowFailException(f"{name}: {exc}") from None
 
 
 def check_gate(run: dict[str, Any]) -> bool:
@@ -210,40 +214,28 @@ def sweep_params(cfg: Config) -> dict[str, Any]:
 
 def start_sweep(params: dict[str, Any], run_id: str) -> dict[str, Any]:
     """The sweep DAG's first task: the run (as `start_run`) and its checked sweep points."""
-    from airflow.sdk.exceptions import AirflowFailException
-
     from tasks.runners.sweep import sweep_points
 
     params = dict(params)
-    try:
+    with _fails_once("prepare"):
         points = sweep_points(params.pop("sweep", None))
-    except UserError as exc:
-        raise AirflowFailException(f"prepare: {exc}") from None
     return {**start_run(params, run_id), "sweep": points}
 
 
 def sweep_candidates(run: dict[str, Any]) -> list[dict[str, Any]]:
     """One candidate run per sweep point (what training and evaluation are mapped over)."""
-    from airflow.sdk.exceptions import AirflowFailException
-
     from tasks.runners.sweep import prepare_candidates
 
-    try:
+    with _fails_once("candidates"):
         return prepare_candidates(Path(run["run_dir"]), run["sweep"])
-    except UserError as exc:
-        raise AirflowFailException(f"candidates: {exc}") from None
 
 
 def pick_sweep_winner(run: dict[str, Any], candidates: list[dict[str, Any]]) -> dict[str, Any]:
     """The best evaluated candidate becomes the run's; the gate, export and register follow on it."""
-    from airflow.sdk.exceptions import AirflowFailException
-
     from tasks.runners.sweep import pick_winner
 
-    try:
+    with _fails_once("pick_winner"):
         return pick_winner(Path(run["run_dir"]), candidates)
-    except UserError as exc:
-        raise AirflowFailException(f"pick_winner: {exc}") from None
 
 
 def train_task_kwargs(cfg: Config) -> dict[str, Any]:
