@@ -1,8 +1,8 @@
 """`airflow dags test qa_lora_finetune` end to end on the tiny model: artifacts, registry, a failing gate.
 
-The two runs share one registry: the first (good) run creates the champion; the second is sabotaged
-(a learning rate too small to learn anything) and must fail the gate, skip merge/export/register and
-leave the champion where it was.
+The runs share one registry: the first (good) run creates the champion; the second is sabotaged
+(a learning rate too small to learn anything) and must fail the gate on the base rule and on the
+champion rule, skip merge/export/register and leave the champion where it was.
 """
 
 from __future__ import annotations
@@ -123,13 +123,22 @@ def test_good_run_registry_state(good_run, e2e_home: Path) -> None:
 
 
 def test_sabotaged_run_fails_the_gate_and_changes_nothing(good_run, airflow_env, e2e_home: Path) -> None:
+    """The sabotaged candidate (it learns nothing: it is the base) fails both comparisons by name: the
+    base rule, and the champion rule against the version the good run registered, fetched from the
+    registry and scored (the form's `gate_max_regression` 0: no drop allowed, so the verdict is decisive)."""
     before = _champion(e2e_home)
-    _, states, run = _trigger(airflow_env, {"learning_rate": 1e-9, "max_steps": 5})
+    assert before is not None
+    conf = {"learning_rate": 1e-9, "max_steps": 5, "gate_max_regression": 0.0}
+    _, states, run = _trigger(airflow_env, conf)
     assert states["gate"] == "success"  # the short-circuit task ran and said no
     for task in ("export", "register", "approval_required", "approve_promotion", "promote"):
         assert states[task] == "skipped", (task, states)
     gate = json.loads((run / "eval" / "gate.json").read_text())
     assert gate["passed"] is False and gate["reasons"]
+    failed = {rule["name"] for rule in gate["rules"] if not rule["passed"]}
+    assert {"beats_base:token_f1", "no_regression:token_f1"} <= failed, gate["rules"]
+    assert str(gate["champion_version"]) == str(before[0])
+    assert gate["metrics"]["champion"]["n_rows"] == gate["eval_rows"]
     assert not (run / "export").exists() and not (run / "register").exists()
     assert _champion(e2e_home) == before
 
