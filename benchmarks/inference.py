@@ -24,26 +24,8 @@ def run(tmp: Path, quick: bool, run_dir: Path | None = None) -> dict[str, Any]:
 
     from tasks.plumbing.onnx_generate import load_onnx_generator
     from tasks.plumbing.prompting import format_prompt
-    from tasks.stages.export import export_model
 
-    overrides: list[tuple[str, Any]] = [
-        ("export.parity_prompts", 4),
-        ("export.parity_new_tokens", 8),
-        ("train.max_steps", 20),
-        ("train.save_steps", 10_000),
-        ("runtime.device", "cpu"),
-    ]
-    if run_dir is None or not (run_dir / "train" / "adapter").is_dir():
-        from tasks.stages.train import train_adapter
-
-        run_dir = tmp / "runs" / "infer-bench"
-        write_split(run_dir)
-        train_adapter(bench_config(tmp, overrides), run_dir)
-    cfg = bench_config(tmp, overrides)
-    _stub_gate(run_dir)
-    t = time.perf_counter()
-    exported = export_model(cfg, run_dir)
-    export_s = time.perf_counter() - t
+    run_dir, exported, export_s = export_run(tmp, run_dir)
 
     rows = [json.loads(line) for line in (run_dir / "data" / "eval.jsonl").read_text().splitlines()]
     prompts = [format_prompt(r["question"]) for r in rows[:8]]
@@ -87,6 +69,31 @@ def run(tmp: Path, quick: bool, run_dir: Path | None = None) -> dict[str, Any]:
         }
     out["load_after"] = loadavg()
     return out
+
+
+def export_run(tmp: Path, run_dir: Path | None) -> tuple[Path, dict[str, Any], float]:
+    """(run dir, export result, export seconds) for the trained run `run_dir`; without one, a short run
+    is trained first. The export is idempotent, so a second figure reuses the first one's."""
+    from tasks.stages.export import export_model
+
+    overrides: list[tuple[str, Any]] = [
+        ("export.parity_prompts", 4),
+        ("export.parity_new_tokens", 8),
+        ("train.max_steps", 20),
+        ("train.save_steps", 10_000),
+        ("runtime.device", "cpu"),
+    ]
+    if run_dir is None or not (run_dir / "train" / "adapter").is_dir():
+        from tasks.stages.train import train_adapter
+
+        run_dir = tmp / "runs" / "infer-bench"
+        write_split(run_dir)
+        train_adapter(bench_config(tmp, overrides), run_dir)
+    cfg = bench_config(tmp, overrides)
+    _stub_gate(run_dir)
+    t = time.perf_counter()
+    exported = export_model(cfg, run_dir)
+    return run_dir, exported, time.perf_counter() - t
 
 
 def _stub_gate(run_dir: Path) -> None:

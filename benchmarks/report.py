@@ -122,6 +122,23 @@ def render_table(results: dict[str, Any]) -> str:
                     f"identical outputs {100 * d['identical_outputs']:.0f}%",
                 )
             )
+    serving_label = "8. `mlflow models serve` requests/s: our pyfunc (ORT) vs transformers flavor"
+    if not status_row("serving", serving_label, ">= 3x / >= 2x"):
+        f8 = figs["serving"]
+        for c, target in (("1", 3.0), ("8", 2.0)):
+            d = f8[f"concurrency{c}"]
+            ours, hf = d["pyfunc_onnx"], d["transformers"]
+            rows.append(
+                (
+                    f"8. `mlflow models serve` requests/s, concurrency {c}: our pyfunc vs transformers flavor",
+                    _x(d["ours_vs_transformers"]),
+                    f">= {target}x",
+                    _met(_cmp(d["ours_vs_transformers"], ">=", target)),
+                    f"{ours['requests_per_s']:.1f} vs {hf['requests_per_s']:.1f} req/s; p95 "
+                    f"{1000 * ours['p95_latency_s']:.0f} vs {1000 * hf['p95_latency_s']:.0f} ms; "
+                    f"identical answers {100 * f8['identical_answers']:.0f}% of {f8['requests']}",
+                )
+            )
     if not status_row("airflow", "4a. `airflow dags test` wall / sum of stage times", "<= 1.3x"):
         f = figs["airflow"]
         rows.append(

@@ -4,6 +4,7 @@ Figures (every one a ratio measured in this run; see benchmarks/RESULTS.md):
   training   1. train-stage tokens/s vs a naive TRL-defaults port and a bare PyTorch+PEFT loop;
              2. MFU vs the fp32 GEMM FLOP/s measured here
   inference  3. ONNX Runtime generation (KV cache) vs PyTorch eager generate, batch 1 and 8
+  serving    8. `mlflow models serve`: our pyfunc (ONNX Runtime) vs the transformers flavor, requests/s
   dag        5. DAG parse time and imported modules (airflow already imported)
   memory     6. peak RSS of train and merge vs the model's bytes
   airflow    4a. `airflow dags test` wall vs the sum of its stages' own times (expensive)
@@ -33,7 +34,7 @@ from benchmarks.common import BENCH_DIR, QUIET_ENV, loadavg, machine
 
 RESULTS_JSON = BENCH_DIR / "results.json"
 RESULTS_MD = BENCH_DIR / "RESULTS.md"
-CPU_FIGURES = ("training", "inference", "dag", "memory", "airflow", "dvc")
+CPU_FIGURES = ("training", "inference", "serving", "dag", "memory", "airflow", "dvc")
 ALL = (*CPU_FIGURES, "gpu")
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 
@@ -122,6 +123,10 @@ def _run_figure(name: str, tmp: Path, args: argparse.Namespace, train_run_dir: P
         from benchmarks import inference
 
         return inference.run(tmp, args.quick, train_run_dir)
+    if name == "serving":
+        from benchmarks import serving
+
+        return serving.run(tmp, args.quick, train_run_dir)
     if name == "dag":
         from benchmarks import dag_parse
 
