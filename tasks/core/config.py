@@ -3,9 +3,8 @@
 Every stage reads its own section. Unknown keys, wrong types and out-of-range values are refused with
 one line naming the key and what is allowed (nanoGPT's configurator, with types). Overrides come from
 `--set section.key=value` on the CLI, `dvc exp run -S`, or Airflow trigger Params; all go through
-:func:`load_config`, so a value is checked the same way wherever it comes from. The Airflow trigger form
-is generated from these models (tasks/runners/trigger_form.py): a form field's bounds, enum, title and
-description are the `Field(...)`/`Literal` declared here, so they are defined once.
+:func:`load_config`, so a value is checked the same way wherever it comes from. The trigger form is
+generated from these models (runners/trigger_form.py): its bounds are the `Field`/`Literal` here.
 """
 
 from __future__ import annotations
@@ -209,6 +208,9 @@ class GateConfig(_Section):
     max_empty_rate: float = Field(0.1, ge=0.0, le=1.0)
     # the most common (normalized) answer's share of the eval answers: above it the model has collapsed
     max_top_answer_share: float = Field(0.5, ge=0.0, le=1.0)
+    # serving cost vs the champion, measured side by side at export (stages/export/serving_gate.py)
+    max_latency_regression: float = Field(0.5, ge=0.0)  # champion / candidate tokens/s - 1, batch 1
+    max_size_regression: float = Field(0.1, ge=0.0)  # candidate / champion export bytes - 1
     on_fail: Literal["skip", "fail"] = Field(
         "skip",
         title="When the gate fails",
@@ -229,6 +231,8 @@ class ExportConfig(_Section):
     merge_atol: float = Field(1e-3, gt=0.0)
     # fp16/int8 vs fp32: share of (teacher-forced) positions with the same argmax token
     variant_min_top1: float = Field(0.9, ge=0.0, le=1.0)
+    serving_prompts: int = Field(16, ge=1)  # eval questions per serving-cost measurement (fresh process)
+    serving_repeats: int = Field(2, ge=1)  # measurements per side, candidate and champion taking turns
 
 
 class RegisterConfig(_Section):

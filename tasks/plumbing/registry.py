@@ -8,6 +8,9 @@ one MLflow run's `model/` directory holding `adapter/`, `merged/`, `onnx/`, `rep
 from __future__ import annotations
 
 import logging
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +87,21 @@ def fetch_champion(cfg: Config, dest: Path) -> dict[str, Any] | None:
         "onnx_path": str(dest / "onnx"),
         "dataset_hash": mv.tags.get(f"{TAG}dataset_hash"),
     }
+
+
+@contextmanager
+def fetched_champion(cfg: Config) -> Iterator[dict[str, Any] | None]:
+    """:func:`fetch_champion` into the shared champion directory (beside the eval cache, kept and reused
+    while that version stays champion), or, with the eval cache off, a temporary one removed on exit.
+
+    Yields:
+        What :func:`fetch_champion` returns (None: no champion).
+    """
+    if cfg.eval.cache_dir:
+        yield fetch_champion(cfg, cfg.resolve(cfg.eval.cache_dir).parent / "champion")
+        return
+    with tempfile.TemporaryDirectory(prefix="qa-lora-champion-") as tmp:
+        yield fetch_champion(cfg, Path(tmp) / "champion")
 
 
 def _download_once(name: str, version: str, source: str, dest: Path) -> None:

@@ -18,6 +18,7 @@ from typing import Any
 
 from tasks.core.config import REPO_ROOT, Config, load_config
 from tasks.core.errors import StoreUnavailable, UserError
+from tasks.core.layout import GateFailed
 
 log = logging.getLogger("qa_lora.dag")
 
@@ -131,7 +132,16 @@ def execute_stage(name: str, run: dict[str, Any]) -> dict[str, Any]:
     end_with_parent()  # training (and torchrun's workers) must not outlive a killed worker
     run_dir = Path(run["run_dir"])
     with _fails_once(name):
-        return run_stage(name, load_run_config(run_dir), run_dir)
+        cfg = load_run_config(run_dir)
+        try:
+            return run_stage(name, cfg, run_dir)
+        except GateFailed as exc:  # the export's serving rules: like the gate task, skip unless told to fail
+            if cfg.gate.on_fail == "fail":
+                raise
+            from airflow.sdk.exceptions import AirflowSkipException
+
+            log.warning("%s. Register is skipped; the champion is unchanged.", exc)
+            raise AirflowSkipException(f"{name}: {exc}") from None
 
 
 def check_gate(run: dict[str, Any]) -> bool:

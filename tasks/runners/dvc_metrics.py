@@ -14,7 +14,7 @@ key with its file path when two files share it) and rounded to 4 significant dig
                              candidate - base), gate (1 passed, 0 failed), unique (share of distinct
                              candidate answers, when evaluate reports it)
     export.json  (export)    parity (max |logit diff| ONNX vs PyTorch as a share of export.logits_atol:
-                             <= 1 passes), size_mb (ONNX graph), p50_ms (when a latency is reported)
+                             <= 1 passes), size_mb (ONNX graph), p50_ms (per request as served, batch 1)
 
 Short names and files because `dvc metrics show` puts every key of every file in one row of columns, and
 it must fit 200 characters (tests/unit/test_dvc_metrics.py renders the worst case with DVC's own table).
@@ -27,8 +27,7 @@ from __future__ import annotations
 
 import logging
 import math
-import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -39,8 +38,6 @@ from tasks.core.layout import RunLayout, read_gate
 log = logging.getLogger("qa_lora.dvc_metrics")
 
 METRICS_DIR = "metrics"
-# A latency figure in export_summary.json, wherever the export stage puts it (none is reported today).
-_LATENCY_KEY = re.compile(r"(p50|median).*_ms$|^latency_ms$")
 
 
 def metrics_file(run_dir: Path | str, stage: str) -> Path:
@@ -68,13 +65,6 @@ def _get(obj: Any, *keys: str) -> Any:
             return None
         obj = obj.get(key)
     return obj
-
-
-def _walk(obj: Any) -> Iterator[tuple[str, Any]]:
-    if isinstance(obj, Mapping):
-        for key, value in obj.items():
-            yield str(key), value
-            yield from _walk(value)
 
 
 def _data(layout: RunLayout) -> dict[str, Any]:
@@ -118,7 +108,7 @@ def _export(layout: RunLayout) -> dict[str, Any]:
     diff, atol = _get(summary, "parity", "onnx", "max_abs_diff"), _get(summary, "parity", "onnx", "atol")
     # A share of the tolerance reads at DVC's 5 decimals; a raw 8e-06 would print as 1e-05.
     parity = diff / atol if isinstance(diff, int | float) and isinstance(atol, int | float) and atol else None
-    latency = next((v for k, v in _walk(summary) if _LATENCY_KEY.search(k) and _num(v) is not None), None)
+    latency = _get(summary, "serving", "candidate", "latency_p50_ms")
     return {
         "parity": _num(parity, 2),
         "size_mb": _num(size / 1e6, 3) if isinstance(size, int | float) else None,

@@ -15,7 +15,7 @@ from typing import Any
 
 from tasks.core.config import Config, load_config, save_config
 from tasks.core.errors import UserError
-from tasks.core.layout import EFFECTIVE_PARAMS, read_gate
+from tasks.core.layout import EFFECTIVE_PARAMS, GateFailed, read_gate
 
 log = logging.getLogger("qa_lora.pipeline")
 
@@ -122,7 +122,14 @@ def run_pipeline(cfg: Config, run_dir: Path) -> dict[str, Any]:
                     "gate failed: %s. Nothing merged, exported or registered.", "; ".join(gate["reasons"])
                 )
                 break
-        results[name] = run_stage(name, cfg, run_dir)
+        try:
+            results[name] = run_stage(name, cfg, run_dir)
+        except GateFailed as exc:  # the export's serving rules refused the candidate
+            if cfg.gate.on_fail == "fail":
+                raise
+            log.warning("%s", exc)
+            results["gate"] = {"passed": False, "reasons": [str(exc)]}
+            break
         seconds[name] = round(time.perf_counter() - start, 2)
     results["seconds"] = seconds
     results["run_dir"] = str(run_dir)

@@ -7,6 +7,7 @@ import os
 import sys
 import types
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -164,6 +165,32 @@ def test_user_error_in_a_stage_fails_without_retry(tmp_path: Path) -> None:
 
     with pytest.raises(AirflowFailException, match=r"params\.effective\.yaml: not found"):
         ds.execute_stage("train", {"run_dir": str(tmp_path)})
+
+
+@pytest.mark.parametrize("on_fail", ["skip", "fail"])
+def test_serving_rules_refusing_at_export_skip_or_fail_like_the_gate(
+    tmp_path: Path, on_fail: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The export's serving rules raise GateFailed (stages/export/serving_gate.py; the rules have their
+    own tests): the export task is skipped (register after it too) or fails once, as gate.on_fail says."""
+    from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
+
+    from tasks.core.layout import GateFailed
+    from tasks.runners import pipeline
+
+    run = _run_with_gate(tmp_path, True, on_fail)
+
+    def refused(name: str, cfg: Any, run_dir: Path) -> dict:
+        raise GateFailed(
+            "serving gate failed: max_size_regression: candidate 12.5 MiB vs champion v3 10.0 MiB"
+        )
+
+    monkeypatch.setattr(pipeline, "run_stage", refused)
+    expected = AirflowSkipException if on_fail == "skip" else AirflowFailException
+    with pytest.raises(
+        expected, match=r"^export: serving gate failed: max_size_regression: candidate 12\.5 MiB"
+    ):
+        ds.execute_stage("export", run)
 
 
 def test_approval_only_when_asked(tmp_path: Path) -> None:

@@ -15,9 +15,11 @@ import yaml
 SMALL_RUN: dict[str, dict[str, Any]] = {
     "train": {"max_steps": 120, "save_steps": 60, "logging_steps": 20},
     "eval": {"max_rows": 80, "max_new_tokens": 32, "bootstrap_samples": 300},
-    # 80 rows cannot support per-slice gating; the slice rule has its own tests
-    "gate": {"min_slice_size": 1000},
-    "export": {"parity_prompts": 4, "parity_new_tokens": 8},
+    # 80 rows cannot support per-slice gating; the slice rule has its own tests. A 2-core test machine
+    # running Airflow's services beside the export measures +-25% per process: a slowdown rule tighter
+    # than 2x would fail by chance here (tests/unit/test_serving_gate.py holds the rule itself).
+    "gate": {"min_slice_size": 1000, "max_latency_regression": 1.0},
+    "export": {"parity_prompts": 4, "parity_new_tokens": 8, "serving_prompts": 8},
 }
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -240,9 +241,11 @@ def _make_run(run_dir: Path, base: Path) -> None:
 
 
 def _cfg(base: Path, *extra: str) -> Config:
+    registry = tempfile.mkdtemp(prefix="qa-lora-export-registry-")  # empty: no champion to serve beside
     return load_config(
         overrides=[
             f"base.name_or_path={base}",
+            f"register.tracking_uri=sqlite:///{registry}/mlflow.db",
             "export.parity_prompts=4",
             "export.parity_new_tokens=8",
             *extra,
@@ -351,6 +354,21 @@ def test_export_artifacts_summary_and_card(exported: dict[str, Any]) -> None:
     assert "**CPU fallback**" in card and "ROCMExecutionProvider" in card
     assert "r=4, alpha=16" in card  # from the adapter's own config, not params.yaml's r=8
     assert "Data version (DVC): not available" in card
+    # Serving cost measured as served (a fresh process, no champion in this registry): in the summary,
+    # the card and the DVC metrics.
+    serving = summary["serving"]
+    cand = serving["candidate"]
+    assert serving["champion"] is None and serving["passed"] and serving["questions"] == len(QUESTIONS)
+    assert cand["provider"] == "CPUExecutionProvider" and cand["requests"] == len(QUESTIONS)
+    assert cand["new_tokens_b1"] > 0 and cand["tokens_per_s_b1"] > 0 and cand["tokens_per_s_b8"] > 0
+    assert 0 < cand["latency_p50_ms"] <= cand["latency_p95_ms"]
+    on_disk = sum(f.stat().st_size for f in onnx_dir.rglob("*") if f.is_file() and f.name != "README.md")
+    assert cand["size_bytes"] == on_disk  # the int8 variant included: a server ships the directory
+    weights = (onnx_dir / "model.onnx.data").stat().st_size
+    assert cand["peak_rss_bytes"] > weights  # the process held the fp32 weights at least once
+    assert [r["name"] for r in serving["rules"]] == ["max_latency_regression", "max_size_regression"]
+    assert all(r["passed"] and "no champion" in r["detail"] for r in serving["rules"])
+    assert "## Serving cost" in card and "tokens/s, batch 1" in card and "no champion yet" in card
 
 
 @pytest.mark.slow

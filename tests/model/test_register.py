@@ -416,16 +416,16 @@ def test_champion_round_trip_generates_with_onnxruntime(
     rows = [{"id": str(i), "question": q, "answer": "x", "category": "c"} for i, q in enumerate(questions)]
     (run / "data").mkdir()
     (run / "data/eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    cfg = load_config(
-        overrides=[
-            ("register.tracking_uri", registry),
-            ("register.model_name", "round-trip"),
-            ("base.name_or_path", str(tiny_base)),
-            ("export.parity_prompts", 2),
-            ("export.parity_new_tokens", 4),
-            ("runtime.device", "cpu"),
-        ]
-    )
+    overrides = [
+        ("register.tracking_uri", registry),
+        ("register.model_name", "round-trip"),
+        ("base.name_or_path", str(tiny_base)),
+        ("export.parity_prompts", 2),
+        ("export.parity_new_tokens", 4),
+        ("runtime.device", "cpu"),
+        ("eval.cache_dir", None),  # the champion is downloaded into a temporary directory, not the repo's
+    ]
+    cfg = load_config(overrides=overrides)
     export_model(cfg, run)
     reg = register_model(cfg, run)
     assert reg["promoted"]
@@ -446,3 +446,32 @@ def test_champion_round_trip_generates_with_onnxruntime(
     for row in out[:, enc["input_ids"].shape[1] :].tolist():
         torch_ids.append(row[: row.index(eos) + 1] if eos in row else row)
     assert onnx_out.token_ids == torch_ids and any(torch_ids)
+    _next_export_is_served_beside_the_champion(run, overrides, reg["version"], tmp_path)
+
+
+def _next_export_is_served_beside_the_champion(
+    run: Path, overrides: list[tuple[str, Any]], champion: str, tmp_path: Path
+) -> None:
+    """The next export measures its serving cost beside the registered champion's downloaded ONNX: with
+    an int8 variant in its onnx/ it serves more bytes than the champion by more than
+    gate.max_size_regression (10%) allows and is refused, nothing written; the same model without the
+    variant passes, the champion's version and figures recorded beside its own."""
+    from tasks.core.layout import GateFailed
+    from tasks.stages.export import export_model
+
+    nxt = tmp_path / "next"
+    shutil.copytree(run, nxt, ignore=shutil.ignore_patterns("export", "register"))
+    bigger = load_config(overrides=[*overrides, ("export.variants", ["int8"])])
+    with pytest.raises(GateFailed, match=rf"max_size_regression: candidate .* MiB vs champion v{champion} "):
+        export_model(bigger, nxt)
+    assert not (nxt / "export").exists()
+
+    summary = json.loads(Path(export_model(load_config(overrides=overrides), nxt)["summary"]).read_text())
+    serving = summary["serving"]
+    assert serving["passed"] and serving["champion"]["version"] == str(champion)
+    rules = {r["name"]: r for r in serving["rules"]}
+    assert rules["max_size_regression"]["value"] == pytest.approx(0.0, abs=0.01)  # same architecture
+    assert serving["champion"]["tokens_per_s_b1"] > 0 and serving["champion"]["new_tokens_b1"] > 0
+    assert serving["repeats"] == 2 and serving["questions"] == 3
+    card = (nxt / "export" / "README.md").read_text()
+    assert f"champion v{champion}" in card and "PASS `max_size_regression`" in card

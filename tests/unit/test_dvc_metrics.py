@@ -61,7 +61,7 @@ def run(tmp_path: Path) -> Path:
         {
             "parity": {"onnx": {"max_abs_diff": 3.123e-06, "atol": 1e-4, "tokens_identical": True}},
             "sizes_bytes": {"onnx_fp32": 12_345_678, "merged": 99},
-            "serving": {"latency": {"p50_ms": 12.345, "p95_ms": 20.0}},
+            "serving": {"candidate": {"latency_p50_ms": 12.345, "latency_p95_ms": 20.0}, "champion": None},
             "versions": {"torch": "2.13.0"},
         },
     )

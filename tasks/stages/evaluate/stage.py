@@ -22,10 +22,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import tempfile
 import time
 from collections.abc import Mapping
-from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +35,7 @@ from tasks.core.reuse import fingerprint, reusable
 from tasks.plumbing.dataio import read_split
 from tasks.plumbing.loading import resolve_base
 from tasks.plumbing.prompting import format_completion, format_prompt
-from tasks.plumbing.registry import fetch_champion
+from tasks.plumbing.registry import fetched_champion
 from tasks.stages.evaluate.metrics import aggregate, decide_gate
 from tasks.stages.evaluate.outputs import model_cis, write_outputs
 from tasks.stages.evaluate.records import MODELS, Evaluation, finite
@@ -70,8 +68,7 @@ def evaluate_candidate(cfg: Config, run_dir: Path) -> dict[str, Any]:
     started = time.perf_counter()
     layout = RunLayout.of(run_dir)
     rows = _read_inputs(cfg, layout)
-    with ExitStack() as stack:
-        champion = fetch_champion(cfg, _champion_dest(cfg, stack))
+    with fetched_champion(cfg) as champion:
         _log_champion(cfg, champion)
         return _evaluate(cfg, layout, rows, champion, started)
 
@@ -115,15 +112,6 @@ def _read_inputs(cfg: Config, layout: RunLayout) -> list[dict[str, str]]:
 
 def _cache_root(cfg: Config) -> Path | None:
     return cfg.resolve(cfg.eval.cache_dir) if cfg.eval.cache_dir else None
-
-
-def _champion_dest(cfg: Config, stack: ExitStack) -> Path:
-    """Where the champion's tree is downloaded: beside the eval cache (kept, reused while it stays
-    champion), or a temporary directory removed when the stage ends."""
-    cache_root = _cache_root(cfg)
-    if cache_root is not None:
-        return cache_root.parent / "champion"
-    return Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="qa-lora-champion-"))) / "champion"
 
 
 def _log_champion(cfg: Config, champion: Mapping[str, Any] | None) -> None:

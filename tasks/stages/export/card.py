@@ -38,6 +38,8 @@ def render_model_card(cfg: Config, run_dir: Path, summary: Mapping[str, Any], ga
         "",
         *_export(summary),
         "",
+        *_serving(summary),
+        "",
         *_USE_AND_LOADING,
     ]
     return "\n".join(lines)
@@ -119,6 +121,42 @@ def _export(summary: Mapping[str, Any]) -> list[str]:
         lines.append(
             f"- Variant {name}: `{v['path']}`, top-1 agreement with fp32 {v['top1_agreement']:.4f} (min {v['min_top1']})"
         )
+    return lines
+
+
+_SERVING_ROWS = (
+    ("tokens/s, batch 1", "tokens_per_s_b1", "{:.0f}"),
+    ("tokens/s, batch 8", "tokens_per_s_b8", "{:.0f}"),
+    ("latency p50 per request (ms)", "latency_p50_ms", "{:.0f}"),
+    ("latency p95 per request (ms)", "latency_p95_ms", "{:.0f}"),
+    ("export on disk (MiB)", "size_bytes", "{:.1f}"),
+    ("peak RSS, load + answer (MiB)", "peak_rss_bytes", "{:.0f}"),
+)
+
+
+def _serving(summary: Mapping[str, Any]) -> list[str]:
+    """Serving cost as measured at export: candidate beside the champion, and the serving rules."""
+    serving = summary.get("serving")
+    if not serving:
+        return ["## Serving cost", "- Not measured (an export written before the serving measurement)."]
+    cand, champ = serving["candidate"], serving.get("champion")
+    head = "| | this model |" + (f" champion v{champ['version']} |" if champ else "")
+    lines = [
+        "## Serving cost",
+        f"Measured at export with ONNX Runtime ({cand.get('provider', '?')}) in a fresh process per "
+        f"measurement: {serving['questions']} eval questions, up to {serving['max_new_tokens']} new tokens, "
+        f"best of {serving['repeats']} turns"
+        + (", taking turns with the champion on the same machine." if champ else "; no champion yet."),
+        "",
+        head,
+        "|---|---|" + ("---|" if champ else ""),
+    ]
+    for label, key, fmt in _SERVING_ROWS:
+        scale = 2**20 if key.endswith("_bytes") else 1
+        cells = [fmt.format(side[key] / scale) for side in (cand, champ) if side]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines.append("")
+    lines += [f"- {'PASS' if r['passed'] else 'FAIL'} `{r['name']}`: {r['detail']}" for r in serving["rules"]]
     return lines
 
 

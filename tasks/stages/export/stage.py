@@ -14,7 +14,10 @@ Readable top to bottom (each step is a function of a module beside this one):
 5. ONNX: one decoder graph with past/present KV cache in export/onnx/ with the tokenizer and
    `onnx_layout.json`; parity PyTorch vs ONNX Runtime on a left-padded batch (onnx_graph.py).
 6. Optional fp16 / int8 variants, each checked (variants.py).
-7. Model card (README.md, also copied into merged/ and onnx/; card.py) and export_summary.json.
+7. Serving cost: the ONNX model as served (tokens/s at batch 1 and 8, p50/p95 latency, size, peak RSS
+   of a fresh process), beside the registry's champion measured the same way in turns; slower or
+   larger than `gate.max_latency_regression` / `gate.max_size_regression` allow: refused (serving_gate.py).
+8. Model card (README.md, also copied into merged/ and onnx/; card.py) and export_summary.json.
 
 Everything is written into a temporary sibling of run_dir/export and renamed into place at the end,
 so a failure (parity included) leaves no new export behind.
@@ -43,10 +46,12 @@ from tasks.plumbing.ort_runtime import (
     probe_provider,
 )
 from tasks.plumbing.prompting import format_prompt
+from tasks.plumbing.registry import fetched_champion
 from tasks.stages.export.card import render_model_card
 from tasks.stages.export.memory import plan_export_memory
 from tasks.stages.export.merge import generation_config, merge_adapter, raise_if_failed, torch_greedy
 from tasks.stages.export.onnx_graph import ONNX_GRAPH, check_onnx_parity, export_onnx, graph_size
+from tasks.stages.export.serving_gate import measure_serving, raise_if_refused
 from tasks.stages.export.summary import (
     CODE_VERSION,
     check_inputs,
@@ -174,11 +179,27 @@ def _build(job: _Job, tmp: Path, t_start: float) -> dict[str, Any]:
     raise_if_failed("ONNX (PyTorch vs ONNX Runtime, fp32)", onnx_parity, cfg.export.logits_atol)
     variants = export_variants(cfg, onnx_dir, job.choice, ids, mask, reference)
 
+    t = time.perf_counter()
+    serving = _serving_cost(job, onnx_dir)
+    timings["serving_cost_s"] = time.perf_counter() - t
+
     timings["total_s"] = time.perf_counter() - t_start
     parity = {"merge": merge_parity, "onnx": onnx_parity}
     summary = _summary(job, memory, parity, batch, variants, graph, timings, tmp)
+    summary["serving"] = serving
     _write_outputs(job, tmp, summary)
     return summary
+
+
+def _serving_cost(job: _Job, onnx_dir: Path) -> dict[str, Any]:
+    """The ONNX model as served, beside the registry's champion (serving_gate.py); a candidate that
+    serves slower or larger than the margins allow is refused here (GateFailed), before anything lands."""
+    cfg = job.cfg
+    questions = parity_questions(job.layout.eval_split, cfg.export.serving_prompts)
+    with fetched_champion(cfg) as champion:
+        serving = measure_serving(cfg, onnx_dir, champion, questions, job.choice.name)
+    raise_if_refused(serving)
+    return serving
 
 
 def _encode(cfg: Config, job: _Job) -> _Batch:

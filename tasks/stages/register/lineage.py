@@ -77,6 +77,8 @@ def build_lineage(cfg: Config, layout: RunLayout, gate: dict[str, Any]) -> dict[
     }
     for key, value in key_metrics(gate).items():
         tags[f"{TAG}metric.{key}"] = f"{value:.6g}"
+    for key, value in serving_figures(layout).items():
+        tags[f"{TAG}serving.{key}"] = f"{value:.6g}"
     return {key: redact(value) for key, value in tags.items()}
 
 
@@ -90,6 +92,17 @@ def key_metrics(gate: dict[str, Any]) -> dict[str, float]:
         if isinstance(value, int | float) and not isinstance(value, bool):
             out[str(key)] = float(value)
     return out
+
+
+def serving_figures(layout: RunLayout) -> dict[str, float]:
+    """The candidate's serving cost as the export measured it (export_summary.json), numbers only."""
+    summary = read_json(layout.export_summary) if layout.export_summary.is_file() else {}
+    candidate = (summary.get("serving") or {}).get("candidate") or {}
+    return {
+        key: float(value)
+        for key, value in candidate.items()
+        if isinstance(value, int | float) and not isinstance(value, bool)
+    }
 
 
 def sha256(path: Path) -> str:
