@@ -120,6 +120,11 @@ def test_good_run_registry_state(good_run, e2e_home: Path) -> None:
     dataset_hash = json.loads((run / "version.json").read_text())["dataset_hash"]
     assert dataset_hash in tags.values()
     assert any(run.name in v or run_id in v for v in tags.values())
+    # the serving cost the export measured (no champion yet) is on the version, as measured
+    serving = json.loads((run / "export" / "export_summary.json").read_text())["serving"]
+    assert serving["champion"] is None and serving["passed"]
+    for key in ("tokens_per_s_b1", "tokens_per_s_b8", "latency_p95_ms", "size_bytes", "peak_rss_bytes"):
+        assert float(tags[f"qa_lora.serving.{key}"]) == pytest.approx(serving["candidate"][key], rel=1e-5)
 
 
 def test_sabotaged_run_fails_the_gate_and_changes_nothing(good_run, airflow_env, e2e_home: Path) -> None:
@@ -148,6 +153,8 @@ def test_sweep_takes_the_best_candidate_to_the_registry(good_run, airflow_env, e
     the loser stays on disk with its reports, and the run's report lists both."""
     from tasks.core.config import load_config
 
+    before = _champion(e2e_home)
+    assert before is not None
     recipe = {"lora.r": load_config(Path(airflow_env["QA_LORA_PARAMS"])).lora.r}
     sweep = [{"train.learning_rate": 1e-9, "train.max_steps": 5}, recipe]
     _, states, run = _trigger(airflow_env, {"sweep": sweep}, dag_id="qa_lora_sweep")
@@ -162,3 +169,6 @@ def test_sweep_takes_the_best_candidate_to_the_registry(good_run, airflow_env, e
     registration = json.loads((run / "register" / "registration.json").read_text())
     champion = _champion(e2e_home)
     assert champion is not None and str(champion[0]) == str(registration["version"])
+    # the winner's export was measured as served beside the good run's champion, on this machine
+    serving = json.loads((run / "export" / "export_summary.json").read_text())["serving"]
+    assert serving["champion"]["version"] == str(before[0]) and serving["passed"], serving["rules"]
