@@ -84,8 +84,9 @@ def render_table(results: dict[str, Any]) -> str:
                 _x(v),
                 ">= 0.9x",
                 _met(_cmp(v, ">=", 0.9)),
-                f"{f1['stage_tokens_per_s']:.0f} vs {f1['bare_tokens_per_s']:.0f} tok/s (median blocks); median of "
-                f"per-step ratios on the same batches (ratio of sums {_x(f1.get('stage_vs_bare_sums'))})",
+                f"{f1['stage_tokens_per_s']:.0f} vs {f1['bare_tokens_per_s']:.0f} tok/s (median blocks), both "
+                f"in {_get(figs, 'training', 'figure1', 'stage', 'precision') or '?'} (the stage's choice); median "
+                f"of per-step ratios on the same batches (ratio of sums {_x(f1.get('stage_vs_bare_sums'))})",
             )
         )
         f2 = figs["training"]["figure2"]

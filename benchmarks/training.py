@@ -142,11 +142,13 @@ class _Bare:
 
     KEYS = ("input_ids", "attention_mask", "labels", "position_ids")
 
-    def __init__(self, cfg: Any, attn: str) -> None:
+    def __init__(self, cfg: Any, attn: str, dtype: Any = None) -> None:
         import torch
 
         self.cfg = cfg
-        self.model = _peft_model(cfg, attn)
+        self.model = _peft_model(cfg, attn, dtype)
+        # bf16 weights: the stage trains them under bf16 autocast too (SFTConfig bf16=True)
+        self.autocast = self.model.get_input_embeddings().weight.dtype == torch.bfloat16
         self.model.train()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.device = self.params[0].device
@@ -162,7 +164,8 @@ class _Bare:
         }  # re-batched rows live on the CPU
         _sync(self.cfg)
         t = time.perf_counter()
-        out = self.model(**inputs, use_cache=False)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            out = self.model(**inputs, use_cache=False)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(self.params, self.cfg.train.max_grad_norm)
         self.opt.step()
@@ -182,7 +185,8 @@ def _sync(cfg: Any) -> None:
         torch.cuda.synchronize()
 
 
-def _peft_model(cfg: Any, attn: str) -> Any:
+def _peft_model(cfg: Any, attn: str, dtype: Any = None) -> Any:
+    """The bare loop's model, in `dtype` (the stage's model's, when it is known)."""
     import torch
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
@@ -190,7 +194,7 @@ def _peft_model(cfg: Any, attn: str) -> Any:
     gpu = _on_gpu(cfg)
     model = AutoModelForCausalLM.from_pretrained(
         str(cfg.resolve(cfg.base.name_or_path)),
-        dtype=torch.bfloat16 if gpu else torch.float32,  # what the stage's device plan picks
+        dtype=dtype or (torch.bfloat16 if gpu else torch.float32),
         attn_implementation=attn,
         device_map={"": 0} if gpu else None,
     )
@@ -219,8 +223,8 @@ class _Paired:
             self.batches.append({k: v.detach().clone() for k, v in kwargs.items() if hasattr(v, "detach")})
 
     def begin(self, model: Any) -> None:
-        if self.bare is None:
-            self.bare = _Bare(self.cfg, self.attn)
+        if self.bare is None:  # the same precision as the stage's model (its device plan's choice)
+            self.bare = _Bare(self.cfg, self.attn, model.get_input_embeddings().weight.dtype)
             self.handle = model.register_forward_pre_hook(self._hook, with_kwargs=True)
             _sync(self.cfg)
             self.mark = time.perf_counter()
