@@ -429,6 +429,16 @@ def test_champion_round_trip_generates_with_onnxruntime(
     export_model(cfg, run)
     reg = register_model(cfg, run)
     assert reg["promoted"]
+    # the serving cost the export measured: on the version (tags) and its MLflow run (metrics)
+    import mlflow
+
+    measured = json.loads((run / "export" / "export_summary.json").read_text())["serving"]["candidate"]
+    client = mlflow.MlflowClient(tracking_uri=registry)
+    mv = client.get_model_version("round-trip", reg["version"])
+    run_metrics = client.get_run(mv.run_id).data.metrics
+    for key in ("tokens_per_s_b1", "latency_p95_ms", "size_bytes", "peak_rss_bytes"):
+        assert float(mv.tags[f"qa_lora.serving.{key}"]) == pytest.approx(measured[key], rel=1e-5)
+        assert run_metrics[f"serving.{key}"] == pytest.approx(measured[key])
 
     champ = fetch_champion(cfg, tmp_path / "champion")
     assert champ is not None and champ["version"] == reg["version"]

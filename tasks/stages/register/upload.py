@@ -19,7 +19,7 @@ from tasks.core.errors import UserError
 from tasks.core.layout import RunLayout
 from tasks.plumbing.registry import RUN_ID_TAG
 from tasks.plumbing.tracking import artifact_store_errors
-from tasks.stages.register.lineage import key_metrics, optional_reports
+from tasks.stages.register.lineage import key_metrics, optional_reports, serving_figures
 
 log = logging.getLogger("qa_lora.register")
 
@@ -83,7 +83,10 @@ def _log_tree(client: Any, rid: str, cfg: Config, layout: RunLayout, gate: dict[
     flat = {f"{s}.{k}": v for s in ("lora", "train") for k, v in cfg.to_dict()[s].items()}
     client.log_batch(
         rid,
-        metrics=[Metric(k, v, now, 0) for k, v in key_metrics(gate).items()],
+        metrics=[
+            *(Metric(k, v, now, 0) for k, v in key_metrics(gate).items()),
+            *(Metric(f"serving.{k}", v, now, 0) for k, v in serving_figures(layout).items()),
+        ],
         params=[Param(k, str(v)[:6000]) for k, v in flat.items()],
     )
 
