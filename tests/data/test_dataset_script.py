@@ -76,15 +76,20 @@ def test_output_depends_on_nothing_but_the_python_release(regenerated: Path, tmp
 def test_every_311_regenerates_the_same_questions_and_most_answers(
     regenerated: Path, rows: list[dict[str, str]]
 ) -> None:
-    """Ids, questions and categories come from the API's names (stable within a minor release); answers
-    from docstrings, which a patch release may reword. So on any 3.11: every committed row's id comes
-    back with the same question and category, and nearly every answer is identical."""
+    """Ids, questions and categories come from the API's names, answers from docstrings. A patch release
+    adds a little API and rewords some docstrings (3.11.4 backported tarfile's extraction filters, so
+    `TarInfo.replace` and a reworded `HTTPResponse.read` are missing on 3.11.2). So on any 3.11: nearly
+    every committed row comes back, each with the same question and category, nearly every answer the
+    same."""
     new = {row["id"]: row for row in map(json.loads, regenerated.read_text(encoding="utf-8").splitlines())}
     missing = [row["id"] for row in rows if row["id"] not in new]
-    assert not missing, f"{len(missing)} committed rows are not regenerated, e.g. {missing[:3]}"
-    for row in rows:
+    assert len(missing) <= 0.005 * len(rows), (
+        f"{len(missing)} committed rows are not regenerated, e.g. {missing[:3]}"
+    )
+    back = [row for row in rows if row["id"] in new]
+    for row in back:
         assert (new[row["id"]]["question"], new[row["id"]]["category"]) == (row["question"], row["category"])
-    reworded = [row["id"] for row in rows if new[row["id"]]["answer"] != row["answer"]]
+    reworded = [row["id"] for row in back if new[row["id"]]["answer"] != row["answer"]]
     assert len(reworded) <= 0.02 * len(rows), f"{len(reworded)} answers differ, e.g. {reworded[:3]}"
 
 
