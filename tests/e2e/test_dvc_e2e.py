@@ -81,6 +81,7 @@ def checkout(tmp_path_factory: pytest.TempPathFactory, repo_root: Path, tiny_bas
     # Gating has its own tests: here every candidate passes, so export and register always run.
     params["gate"].update(min_improvement=-1.0, max_regression=1.0, min_slice_size=1000)
     params["gate"].update(min_eos_rate=0.0, max_empty_rate=1.0, max_top_answer_share=1.0)
+    params["gate"].update(max_latency_regression=10.0, max_size_regression=10.0)  # serving rules too
     params["export"].update(parity_prompts=2, parity_new_tokens=4)
     params["register"]["tracking_uri"] = f"sqlite:///{work}/mlflow.db"
     params["data"]["dvc_remote"] = str(work / "remote")

@@ -71,6 +71,8 @@ gate:
   max_empty_rate: 1.0
   max_top_answer_share: 1.0
   min_slice_size: 1000
+  max_latency_regression: 10.0
+  max_size_regression: 10.0
 export:
   parity_prompts: 2
   parity_new_tokens: 4
