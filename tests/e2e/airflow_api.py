@@ -152,8 +152,14 @@ def wait_port(port: int, timeout: float = 60) -> None:
 
 
 def _as_postgres(argv: list[str]) -> list[str]:
-    # initdb and postgres refuse to run as root: run them as the Debian package's `postgres` user
-    return ["runuser", "-u", "postgres", "--", *argv] if os.geteuid() == 0 else argv
+    # initdb and postgres refuse to run as root: run them as the Debian package's `postgres` user.
+    # runuser lives in /usr/sbin, which a minimal PATH (`env -i PATH=/usr/bin:/bin`) leaves out.
+    if os.geteuid() != 0:
+        return argv
+    search = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
+    runuser = shutil.which("runuser", path=search)
+    assert runuser, "runuser (util-linux) not found: PostgreSQL cannot be started as root without it"
+    return [runuser, "-u", "postgres", "--", *argv]
 
 
 def start_postgres(infra: Services, data: Path) -> str:
