@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from small_lora import small_lora_overrides
 
 from tasks.core.config import Config, load_config
 from tasks.core.errors import UserError
@@ -76,6 +77,7 @@ def _train(tmp: Path, base: Path, name: str, train_rows: list, eval_rows: list, 
     }
     cfg = load_config(
         overrides=[
+            *small_lora_overrides(),
             ("base.name_or_path", str(base)),
             ("register.tracking_uri", f"sqlite:///{tmp / 'mlflow.db'}"),
             ("runtime.device", "cpu"),

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from small_lora import small_lora_overrides
 
 from tasks.core.config import Config, load_config
 from tasks.core.errors import StoreUnavailable, UserError
@@ -75,7 +76,7 @@ def _cfg(base: Path, registry: str, tmp: Path, model_name: str = "qa-lora-gate",
         "gate.max_top_answer_share": 1.0,
         **extra,
     }
-    return load_config(overrides=list(overrides.items()))
+    return load_config(overrides=[*small_lora_overrides(), *overrides.items()])
 
 
 def _train(base: Path, registry: str, tmp: Path, name: str, rows: list, eval_rows: list, steps: int) -> Path:

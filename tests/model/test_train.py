@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from small_lora import SMALL_LORA
 
 from tasks.core.config import REPO_ROOT, load_config
 from tasks.core.errors import UserError
@@ -39,6 +40,7 @@ TINY = [
     "train.warmup_ratio=0.0",
     "lora.dropout=0.0",  # dropout draws differ with the process layout; the comparisons need none
     "runtime.num_threads=1",  # the same kernels (and summation order) in every process layout
+    *(f"lora.{k}={v}" for k, v in SMALL_LORA.items()),  # the adapter the parameter counts below assume
 ]
 # Step losses of 2 gloo processes vs 1 process, same global batch: measured identical to 4 decimals.
 DDP_LOSS_TOL = 2e-3

@@ -50,6 +50,7 @@ data:
 base:
   kind: hub
   name_or_path: {base}
+lora: {{r: 8, alpha: 16, target_modules: [q_proj, v_proj]}}  # tests/small_lora.py: the short-run adapter
 train:
   max_steps: 20
   save_steps: 5          # the checkpoint interval: the most work a kill -9 may lose

@@ -32,8 +32,11 @@ def _write(tmp_path: Path, text: str, name: str = "params.yaml") -> Path:
 
 
 def test_repository_params_load_and_are_frozen() -> None:
+    import yaml
+
     cfg = load_config()
-    assert cfg.lora.target_modules == ("q_proj", "v_proj")
+    listed = yaml.safe_load(DEFAULT_PARAMS.read_text(encoding="utf-8"))["lora"]["target_modules"]
+    assert cfg.lora.target_modules == tuple(listed)  # a YAML list becomes a (frozen) tuple
     assert cfg.train.max_steps == -1
     with pytest.raises(pydantic.ValidationError):
         cfg.train.learning_rate = 1.0  # type: ignore[misc]
