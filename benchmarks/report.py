@@ -36,6 +36,48 @@ def _cmp(v: Any, op: str, target: float) -> bool | None:
     return v >= target if op == ">=" else (v <= target if op == "<=" else v < target)
 
 
+def _bare_row(training: dict[str, Any], kind: str) -> tuple[str, str, str, str, str]:
+    f1 = training["figure1"]
+    return _at_least(
+        f"1b. train tokens/s: stage vs bare PyTorch+PEFT loop{kind}",
+        f1["stage_vs_bare"],
+        0.9,
+        f"{f1['stage_tokens_per_s']:.0f} vs {f1['bare_tokens_per_s']:.0f} tok/s (median blocks), both "
+        f"in {_get(f1, 'stage', 'precision') or '?'} (the stage's choice); median "
+        f"of per-step ratios on the same batches (ratio of sums {_x(f1.get('stage_vs_bare_sums'))})",
+    )
+
+
+def _generation_rows(f3: dict[str, Any], kind: str) -> list[tuple[str, str, str, str, str]]:
+    return [
+        _at_least(
+            f"3. generation tokens/s, batch {b}: ORT vs PyTorch eager{kind}",
+            f3[f"batch{b}"]["ort_vs_torch"],
+            target,
+            f"{f3[f'batch{b}']['ort_tokens_per_s']:.0f} vs {f3[f'batch{b}']['torch_tokens_per_s']:.0f} tok/s; "
+            f"identical outputs {100 * f3[f'batch{b}']['identical_outputs']:.0f}%",
+        )
+        for b, target in (("1", 3.5), ("8", 2.0))
+    ]
+
+
+def _other_kinds(figs: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
+    """Figures 1b and 3 imported from other CPU kinds (`--import-from PATH --as KIND`): `NAME@KIND` keys."""
+    rows: list[tuple[str, str, str, str, str]] = []
+    for key in sorted(k for k in figs if "@" in k):
+        name, kind = key.split("@", 1)
+        fig = figs[key]
+        where = (fig.get("machine") or {}).get("cpu", "?")
+        label = f" [{kind}: {where}, {fig.get('started', '?')}]"
+        if fig.get("status") != "measured":
+            continue
+        if name == "training":
+            rows.append(_bare_row(fig, label))
+        elif name == "inference":
+            rows += _generation_rows(fig, label)
+    return rows
+
+
 def render_table(results: dict[str, Any]) -> str:
     """The measured table plus the machine it ran on."""
     figs = results.get("figures", {})
@@ -82,16 +124,7 @@ def render_table(results: dict[str, Any]) -> str:
                     f"(params/llama2-7b-mi300x.yaml); {_pct(w['trainer']['pad_fraction'])} of its tokens are pad",
                 )
             )
-        rows.append(
-            _at_least(
-                "1b. train tokens/s: stage vs bare PyTorch+PEFT loop",
-                f1["stage_vs_bare"],
-                0.9,
-                f"{f1['stage_tokens_per_s']:.0f} vs {f1['bare_tokens_per_s']:.0f} tok/s (median blocks), both "
-                f"in {_get(figs, 'training', 'figure1', 'stage', 'precision') or '?'} (the stage's choice); median "
-                f"of per-step ratios on the same batches (ratio of sums {_x(f1.get('stage_vs_bare_sums'))})",
-            )
-        )
+        rows.append(_bare_row(figs["training"], ""))
         f2 = figs["training"]["figure2"]
         sizes = sorted(f2["gemm_fp32"], key=int)
         gemm = ", ".join(f"{n}^2: {f2['gemm_fp32'][n]['flops'] / 1e9:.0f} GFLOP/s" for n in sizes)
@@ -113,18 +146,8 @@ def render_table(results: dict[str, Any]) -> str:
             )
         )
     if not status_row("inference", "3. ORT (KV cache) vs PyTorch generate", ">= 3.5x / >= 2x"):
-        f3 = figs["inference"]
-        for b, target in (("1", 3.5), ("8", 2.0)):
-            d = f3[f"batch{b}"]
-            rows.append(
-                _at_least(
-                    f"3. generation tokens/s, batch {b}: ORT vs PyTorch eager",
-                    d["ort_vs_torch"],
-                    target,
-                    f"{d['ort_tokens_per_s']:.0f} vs {d['torch_tokens_per_s']:.0f} tok/s; "
-                    f"identical outputs {100 * d['identical_outputs']:.0f}%",
-                )
-            )
+        rows += _generation_rows(figs["inference"], "")
+    rows += _other_kinds(figs)
     serving_label = "8. `mlflow models serve` requests/s: our pyfunc (ORT) vs transformers flavor"
     if not status_row("serving", serving_label, ">= 3x / >= 2x"):
         f8 = figs["serving"]
@@ -238,7 +261,7 @@ def render_table(results: dict[str, Any]) -> str:
     lines = [
         f"Measured {run.get('started', '?')} ({'quick' if run.get('quick') else 'full'} run, "
         f"{run.get('seconds', '?')} s; figures {', '.join(run.get('figures', []))}) on "
-        f"{m.get('cpu', '?')}, {m.get('cpu_count', '?')} cores, {m.get('memory_gib', '?')} GiB, "
+        f"{m.get('cpu', '?')} (bf16 flags: {', '.join(m.get('cpu_bf16') or []) or 'none'}), {m.get('cpu_count', '?')} cores, {m.get('memory_gib', '?')} GiB, "
         f"torch threads {m.get('torch_threads', '?')}, GPUs: {', '.join(m.get('gpus') or []) or 'none'}; "
         f"load average at start {run.get('load_start')}, at end {run.get('load_end')}.",
         f"Versions: {', '.join(f'{k} {v}' for k, v in (m.get('versions') or {}).items())}.",

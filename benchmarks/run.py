@@ -54,9 +54,16 @@ def main(argv: list[str] | None = None) -> int:
         help="copy the figures named by --only (default: gpu) from a results.json written on another "
         "machine (a GPU node) into this one, and rewrite the table; runs nothing",
     )
+    parser.add_argument(
+        "--as",
+        dest="kind",
+        metavar="KIND",
+        help="with --import-from: keep the figures as another CPU kind's (e.g. avx2, amx) beside this "
+        "machine's own, as extra table rows for figures 1b and 3",
+    )
     args = parser.parse_args(argv)
     if args.import_from is not None:
-        return _import(args.import_from, args.only or ["gpu"])
+        return _import(args.import_from, args.only or ["gpu"], args.kind)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
     for noisy in ("qa_lora.train", "qa_lora.export", "qa_lora.evaluate", "httpx", "mlflow"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -150,8 +157,11 @@ def _run_figure(name: str, tmp: Path, args: argparse.Namespace, train_run_dir: P
     raise ValueError(name)
 
 
-def _import(path: Path, figures: list[str]) -> int:
-    """Merge figures measured elsewhere; each keeps the machine it was measured on (`machine`)."""
+def _import(path: Path, figures: list[str], kind: str | None = None) -> int:
+    """Merge figures measured elsewhere; each keeps the machine it was measured on (`machine`).
+
+    With `kind`, a figure is stored as `NAME@KIND` beside this machine's `NAME` instead of replacing it.
+    """
     try:
         other = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
@@ -165,8 +175,10 @@ def _import(path: Path, figures: list[str]) -> int:
             print(f"error: {path}: no figure {name!r} in it", file=sys.stderr)
             return 2
         data.setdefault("machine", other.get("machine"))
-        results["figures"][name] = data
-        print(f"imported figure {name} ({data.get('status')}) from {path}")
+        data.setdefault("started", (other.get("run") or {}).get("started"))
+        key = f"{name}@{kind}" if kind else name
+        results["figures"][key] = data
+        print(f"imported figure {name} ({data.get('status')}) from {path} as {key}")
     _write(results)
     return 0
 
