@@ -140,7 +140,8 @@ def show(run_dir: Path, questions: int = 3) -> None:
 
     setup_mlflow(cfg)
     # MLflow nags about type hints on predict; they are left off on purpose (tasks/plumbing/serving).
-    warnings.filterwarnings("ignore", message="Add type hints to the `predict` method")
+    # (MLflow colours the message, so it starts with an ANSI escape: match anywhere in it.)
+    warnings.filterwarnings("ignore", message=r".*Add type hints to the `predict` method")
     uri = f"models:/{cfg.register.model_name}@champion"
     try:
         model = mlflow.pyfunc.load_model(uri)  # what a downstream team does: no project code imported
