@@ -36,10 +36,10 @@ def _cmp(v: Any, op: str, target: float) -> bool | None:
     return v >= target if op == ">=" else (v <= target if op == "<=" else v < target)
 
 
-def _bare_row(training: dict[str, Any], kind: str) -> tuple[str, str, str, str, str]:
+def _bare_row(training: dict[str, Any], suffix: str) -> tuple[str, str, str, str, str]:
     f1 = training["figure1"]
     return _at_least(
-        f"1b. train tokens/s: stage vs bare PyTorch+PEFT loop{kind}",
+        f"1b. train tokens/s: stage vs bare PyTorch+PEFT loop{suffix}",
         f1["stage_vs_bare"],
         0.9,
         f"{f1['stage_tokens_per_s']:.0f} vs {f1['bare_tokens_per_s']:.0f} tok/s (median blocks), both "
@@ -48,29 +48,32 @@ def _bare_row(training: dict[str, Any], kind: str) -> tuple[str, str, str, str, 
     )
 
 
-def _generation_rows(f3: dict[str, Any], kind: str) -> list[tuple[str, str, str, str, str]]:
-    return [
-        _at_least(
-            f"3. generation tokens/s, batch {b}: ORT vs PyTorch eager{kind}",
-            f3[f"batch{b}"]["ort_vs_torch"],
-            target,
-            f"{f3[f'batch{b}']['ort_tokens_per_s']:.0f} vs {f3[f'batch{b}']['torch_tokens_per_s']:.0f} tok/s; "
-            f"identical outputs {100 * f3[f'batch{b}']['identical_outputs']:.0f}%",
+def _generation_rows(f3: dict[str, Any], suffix: str) -> list[tuple[str, str, str, str, str]]:
+    rows = []
+    for b, target in (("1", 3.5), ("8", 2.0)):
+        d = f3[f"batch{b}"]
+        rows.append(
+            _at_least(
+                f"3. generation tokens/s, batch {b}: ORT vs PyTorch eager{suffix}",
+                d["ort_vs_torch"],
+                target,
+                f"{d['ort_tokens_per_s']:.0f} vs {d['torch_tokens_per_s']:.0f} tok/s; "
+                f"identical outputs {100 * d['identical_outputs']:.0f}%",
+            )
         )
-        for b, target in (("1", 3.5), ("8", 2.0))
-    ]
+    return rows
 
 
 def _other_kinds(figs: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
     """Figures 1b and 3 imported from other CPU kinds (`--import-from PATH --as KIND`): `NAME@KIND` keys."""
     rows: list[tuple[str, str, str, str, str]] = []
     for key in sorted(k for k in figs if "@" in k):
-        name, kind = key.split("@", 1)
         fig = figs[key]
-        where = (fig.get("machine") or {}).get("cpu", "?")
-        label = f" [{kind}: {where}, {fig.get('started', '?')}]"
         if fig.get("status") != "measured":
             continue
+        name, kind = key.split("@", 1)
+        where = (fig.get("machine") or {}).get("cpu", "?")
+        label = f" [{kind}: {where}, {fig.get('started', '?')}]"
         if name == "training":
             rows.append(_bare_row(fig, label))
         elif name == "inference":

@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 from loopback_s3 import LoopbackS3
+from small_lora import SMALL_LORA
 
 REPO = Path(__file__).resolve().parents[2]
 QA_LORA = str(Path(sys.executable).with_name("qa-lora"))
@@ -50,7 +51,7 @@ data:
 base:
   kind: hub
   name_or_path: {base}
-lora: {{r: 8, alpha: 16, target_modules: [q_proj, v_proj]}}  # tests/small_lora.py: the short-run adapter
+lora: {lora}  # tests/small_lora.py: the short-run adapter
 train:
   max_steps: 20
   save_steps: 5          # the checkpoint interval: the most work a kill -9 may lose
@@ -111,7 +112,9 @@ class Home:
         self.logs = root / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
         (root / "data").mkdir(exist_ok=True)
-        self.params.write_text(PARAMS.format(repo=REPO, home=root, base=base), encoding="utf-8")
+        self.params.write_text(
+            PARAMS.format(repo=REPO, home=root, base=base, lora=json.dumps(SMALL_LORA)), encoding="utf-8"
+        )
         self.env = secret_env(root)
         self._n = 0
 
