@@ -14,7 +14,6 @@ import os
 import subprocess
 import sys
 import time
-import warnings
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -139,9 +138,9 @@ def show(run_dir: Path, questions: int = 3) -> None:
     from tasks.plumbing.tracking import setup_mlflow
 
     setup_mlflow(cfg)
-    # MLflow nags about type hints on predict; they are left off on purpose (tasks/plumbing/serving).
-    # (MLflow colours the message, so it starts with an ANSI escape: match anywhere in it.)
-    warnings.filterwarnings("ignore", message=r".*Add type hints to the `predict` method")
+    # Loading prints MLflow's "Add type hints to the `predict` method" once: they are left off on purpose
+    # (tasks/plumbing/serving). No filter here can hide it: MLflow checks the class inside its own
+    # `filter_user_warnings_once`, which puts a "once" filter in front of every other while it runs.
     uri = f"models:/{cfg.register.model_name}@champion"
     try:
         model = mlflow.pyfunc.load_model(uri)  # what a downstream team does: no project code imported
