@@ -7,8 +7,8 @@ live beside it: tasks/plumbing/tiny_corpus.py (corpus and tokenizer) and tasks/p
 (model, pretraining, perplexity, the atomic save). The output is Hugging Face format at
 `base.name_or_path` plus `qa_lora_base.json`, whose recipe hash makes a second call a no-op.
 
-Determinism (same `base.tiny` -> bit-identical weights) depends on: the Python version (its
-`pydoc_data` and stdlib docstrings are the corpus; the corpus hash is recorded), the torch build and
+Determinism (same `base.tiny` -> bit-identical weights) depends on: the corpus (data/base_corpus.jsonl,
+committed, so the same on every machine and interpreter; its hash is recorded), the torch build and
 CPU instruction set (oneDNN/MKL kernels), and the number of intra-op threads (reductions are split per
 thread; recorded as `threads`). Within those, everything is seeded: the tokenizer trainer sees a
 sorted corpus, weights are initialised and batches drawn from `seed`, the build runs on CPU with

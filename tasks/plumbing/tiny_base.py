@@ -24,13 +24,20 @@ from typing import Any
 from tasks.core.artifacts import atomic_dir, write_json_atomic
 from tasks.core.config import TinyBaseConfig
 from tasks.core.errors import UserError
-from tasks.plumbing.tiny_corpus import Documents, corpus_hash, pretraining_corpus, train_tokenizer
+from tasks.plumbing.tiny_corpus import (
+    CORPUS_FILE,
+    Documents,
+    corpus_hash,
+    pretraining_corpus,
+    train_tokenizer,
+)
 
 log = logging.getLogger("qa_lora.base")
 
 # Bump when a change here changes the built model (corpus, tokenizer, schedule...): cached builds
-# made by older code then no longer match and are rebuilt.
-CODE_VERSION = "1"
+# made by older code then no longer match and are rebuilt. 2: the corpus is the committed
+# data/base_corpus.jsonl, no longer the running interpreter's docs (which differ between Python builds).
+CODE_VERSION = "2"
 META_FILE = "qa_lora_base.json"
 REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", META_FILE)
 
@@ -111,7 +118,7 @@ def _corpus_stats(
     train_docs: Documents, heldout_docs: Documents, train_ids: list[int], heldout_ids: list[int]
 ) -> dict[str, Any]:
     return {
-        "sources": ["pydoc_data.topics", "stdlib module docstrings (unindented prose)"],
+        "sources": [f"data/{CORPUS_FILE.name} (data/build_base_corpus.py: Python docs, no API docstrings)"],
         "train_docs": len(train_docs),
         "heldout_docs": len(heldout_docs),
         "train_tokens": len(train_ids),

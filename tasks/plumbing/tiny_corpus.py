@@ -1,33 +1,30 @@
 """The tiny base's corpus and tokenizer (see tasks/plumbing/base.py for the whole build).
 
-* Corpus: prose that ships with every Python, so the build needs no network: the language reference
-  (`pydoc_data.topics`, ~465K chars) plus the *module-level* docstrings of the standard library, read
-  with `ast` (no imports, no side effects). Function/class/method docstrings are NOT used: the Q&A
-  dataset (data/qa.jsonl) is built from those, and its eval split must not leak into pretraining.
-  The tail (~5%, at a paragraph boundary) of every language-reference topic is held out for perplexity.
+* Corpus: data/base_corpus.jsonl, committed (built by data/build_base_corpus.py from the language
+  reference and the stdlib's module docstrings of Python 3.11.7; no function/class/method docstrings,
+  which are the Q&A answers). It is read from the file, not from the running interpreter, so every
+  machine builds the base from the same text. Documents marked "heldout" are kept for perplexity.
 * Tokenizer: byte-level BPE trained with `tokenizers` on the training text only; `<s>` is added by the
   post-processor, `</s>` never is (answers carry it through the chat template / prompting.py).
 """
 
 from __future__ import annotations
 
-import ast
 import functools
 import hashlib
-import re
-import sysconfig
+import json
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from tasks.core.config import TinyBaseConfig
+from tasks.core.config import PACKAGE_ROOT, TinyBaseConfig
+from tasks.core.errors import UserError
 from tasks.plumbing.prompting import BOS, EOS, INST_CLOSE, INST_OPEN, PAD, SYS_CLOSE, SYS_OPEN, UNK
 
-HELDOUT_FRACTION = 0.05  # tail share of each language-reference topic kept for perplexity
-# Stdlib parts whose module docstrings are not prose about Python (tests, IDLE, demos, vendored code).
-_SKIP_PARTS = frozenset({"site-packages", "test", "tests", "idlelib", "lib2to3", "turtledemo", "__pycache__"})
+# Part of the code, like the recipe: the checkout's own copy, whichever project a command works on.
+CORPUS_FILE = PACKAGE_ROOT / "data" / "base_corpus.jsonl"
 
-Documents = tuple[tuple[str, str], ...]  # sorted (name, text) pairs
+Documents = tuple[tuple[str, str], ...]  # (name, text) pairs in the corpus file's order
 
 # Llama-2 chat layout, the same string as tasks/plumbing/prompting.py renders:
 #   <s>[INST] question [/INST] answer </s><s>[INST] next question [/INST] ...
@@ -55,68 +52,40 @@ CHAT_TEMPLATE = (
 
 
 @functools.lru_cache(maxsize=1)
-def pretraining_corpus() -> tuple[Documents, Documents]:
-    """(train documents, held-out documents) as sorted (name, text) pairs; read once per process."""
-    import pydoc_data.topics
+def pretraining_corpus(path: Path = CORPUS_FILE) -> tuple[Documents, Documents]:
+    """(train documents, held-out documents) as (name, text) pairs in file order; read once per process.
 
+    Raises:
+        UserError: the file is missing or a line is not a {"name", "split", "text"} object (file and
+            line named).
+    """
     train: list[tuple[str, str]] = []
     heldout: list[tuple[str, str]] = []
-    for name in sorted(pydoc_data.topics.topics):
-        text = _clean(pydoc_data.topics.topics[name])
-        head, tail = _split_tail(text, HELDOUT_FRACTION)
-        train.append((f"topics/{name}", head))
-        if tail:
-            heldout.append((f"topics/{name}", tail))
-    train += _module_docstrings()
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: cannot read the tiny base's corpus ({exc}); restore it from git") from exc
+    for number, line in enumerate(lines, start=1):
+        try:
+            row = json.loads(line)
+            name, split, text = row["name"], row["split"], row["text"]
+            if split not in ("train", "heldout") or not isinstance(name, str) or not isinstance(text, str):
+                raise ValueError(split)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise UserError(
+                f"{path}:{number}: expected a JSON object {{name, split: train|heldout, text}}; "
+                "restore the file from git or rebuild it with data/build_base_corpus.py"
+            ) from exc
+        (train if split == "train" else heldout).append((name, text))
     return tuple(train), tuple(heldout)
 
 
 def corpus_hash(docs: Iterable[tuple[str, str]]) -> str:
-    """Short sha256 over the documents' names and texts (recorded: the corpus depends on the Python)."""
+    """Short sha256 over the documents' names and texts (recorded with the base it built)."""
     digest = hashlib.sha256()
     for name, text in docs:
         digest.update(name.encode() + b"\0" + text.encode() + b"\0")
     return digest.hexdigest()[:16]
-
-
-def _module_docstrings() -> list[tuple[str, str]]:
-    root = Path(sysconfig.get_paths()["stdlib"])
-    docs: list[tuple[str, str]] = []
-    for path in sorted(root.rglob("*.py")):
-        rel = path.relative_to(root)
-        if _SKIP_PARTS.intersection(rel.parts):
-            continue
-        try:
-            doc = ast.get_docstring(ast.parse(path.read_text(encoding="utf-8")))
-        except (SyntaxError, UnicodeDecodeError, ValueError, OSError):
-            continue
-        if not doc:
-            continue
-        # Indented lines in module docstrings are mostly API listings ("match  Match a regular
-        # expression...") that paraphrase function docstrings, i.e. the Q&A answers: keep prose only.
-        prose = "\n".join(line for line in doc.splitlines() if not line[:1].isspace())
-        prose = _clean(prose)
-        if len(prose) >= 200:
-            docs.append((f"stdlib/{rel.as_posix()}", prose))
-    return docs
-
-
-def _clean(text: str) -> str:
-    text = "\n".join(line.rstrip() for line in text.replace("\r\n", "\n").splitlines())
-    return re.sub(r"\n{3,}", "\n\n", text).strip()
-
-
-def _split_tail(text: str, fraction: float) -> tuple[str, str]:
-    """Split at the paragraph boundary nearest to (1 - fraction) of the text; short texts stay whole."""
-    if len(text) < 2000:
-        return text, ""
-    target = int(len(text) * (1 - fraction))
-    cut = text.rfind("\n\n", 0, target)
-    if cut <= 0:
-        cut = text.rfind("\n", 0, target)
-    if cut <= 0:
-        return text, ""
-    return text[:cut].strip(), text[cut:].strip()
 
 
 def train_tokenizer(texts: list[str], tiny: TinyBaseConfig) -> Any:
