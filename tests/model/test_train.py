@@ -30,6 +30,7 @@ TRAIN_ROWS, EVAL_ROWS = 96, 32
 # 96 rows / global batch 8 = 12 steps = exactly one epoch: every row is seen once, so the tokens the
 # trainer counts can be checked against the tokenizer.
 TINY: list[str | tuple[str, object]] = [
+    *small_lora_overrides(),  # the adapter the parameter counts below assume (its dropout is set below)
     "train.max_steps=12",
     "train.per_device_train_batch_size=8",
     "train.max_length=128",
@@ -40,7 +41,6 @@ TINY: list[str | tuple[str, object]] = [
     "train.warmup_ratio=0.0",
     "lora.dropout=0.0",  # dropout draws differ with the process layout; the comparisons need none
     "runtime.num_threads=1",  # the same kernels (and summation order) in every process layout
-    *small_lora_overrides(),  # the adapter the parameter counts below assume
 ]
 # Step losses of 2 gloo processes vs 1 process, same global batch: measured identical to 4 decimals.
 DDP_LOSS_TOL = 2e-3
