@@ -1,10 +1,22 @@
-"""Row and file builders shared by the data tests (imported by name: tests/ has no packages)."""
+"""Row and file builders shared by the data tests (imported by name: tests/ has no packages), and the
+loader of the data/ build scripts."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
+from types import ModuleType
 from typing import Any
+
+
+def load_script(path: Path) -> ModuleType:
+    """A data/ build script as a module (data/ is not a package: loaded by path, as `python PATH` would)."""
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def qa_rows(n: int, start: int = 0) -> list[dict[str, Any]]:

@@ -3,7 +3,6 @@ from the running interpreter, reproducible by its builder, and free of the Q&A a
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import platform
 import subprocess
@@ -12,6 +11,7 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+from qa_factory import load_script
 
 from tasks.core.errors import UserError
 from tasks.plumbing.tiny_corpus import CORPUS_FILE, corpus_hash, pretraining_corpus
@@ -22,11 +22,7 @@ SCRIPT = REPO / "data" / "build_base_corpus.py"
 
 @pytest.fixture(scope="module")
 def script() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("build_base_corpus", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT)
 
 
 def _hash_in_fresh_python(pythonpath: Path | None = None) -> str:

@@ -3,7 +3,6 @@ the pipeline expects (fields, row count, unique ids, categories from the script'
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import platform
@@ -14,6 +13,7 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+from qa_factory import load_script
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "data" / "build_qa_dataset.py"
@@ -24,12 +24,7 @@ FIELDS = ["id", "question", "answer", "category"]
 
 @pytest.fixture(scope="module")
 def script() -> ModuleType:
-    # data/ is not a package: load the script by path, as `python data/build_qa_dataset.py` would.
-    spec = importlib.util.spec_from_file_location("build_qa_dataset", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT)
 
 
 @pytest.fixture(scope="module")
