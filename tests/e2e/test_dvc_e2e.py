@@ -14,6 +14,7 @@ import json
 import os
 import re
 import shutil
+import sqlite3
 import subprocess
 import sys
 import time
@@ -235,9 +236,12 @@ def test_an_experiment_reruns_train_onwards_and_exp_show_fits(checkout) -> None:
 
 
 def test_a_queued_sweep_runs_one_training_at_a_time_and_ranks(checkout) -> None:
-    """The README's sweep: queue a grid, run it with one worker, rank it by the primary metric."""
+    """The README's sweep: queue a grid up to the gate, run it with one worker, rank it by the primary
+    metric; nothing of the sweep is exported or registered."""
     repo, env = checkout
-    _sh(["dvc", "exp", "run", "--queue", "-S", "lora.r=4,16"], repo, env)
+    versions_before = _model_versions(repo)
+    assert versions_before >= 1  # the runs before registered models
+    _sh(["dvc", "exp", "run", "--queue", "-S", "lora.r=4,16", "evaluate"], repo, env)
     _sh(["dvc", "queue", "start", "-j", "1"], repo, env)
     try:
         deadline = time.monotonic() + 900
@@ -262,6 +266,13 @@ def test_a_queued_sweep_runs_one_training_at_a_time_and_ranks(checkout) -> None:
     names = [name for _, name in ranked]
     assert all(name and name in table for name in names), (names, table)
     assert ranked[0][0] == ranked[1][0] or table.index(names[0]) < table.index(names[1]), table
+    assert _model_versions(repo) == versions_before  # the sweep stopped at the gate
+
+
+def _model_versions(repo: Path) -> int:
+    """Model versions in the checkout's registry (its params point at work/mlflow.db)."""
+    with sqlite3.connect(repo.parent / "mlflow.db") as db:
+        return db.execute("SELECT COUNT(*) FROM model_versions").fetchone()[0]
 
 
 def _experiments(obj: object) -> list[dict]:
