@@ -267,6 +267,13 @@ def test_a_queued_sweep_runs_one_training_at_a_time_and_ranks(checkout) -> None:
     assert all(name and name in table for name in names), (names, table)
     assert ranked[0][0] == ranked[1][0] or table.index(names[0]) < table.index(names[1]), table
     assert _model_versions(repo) == versions_before  # the sweep stopped at the gate
+    for name in names:  # the data stages came cached with each grid point's workspace: not rerun
+        assert _ran(_sh(["dvc", "queue", "logs", name], repo, env)) == {"train", "evaluate"}, name
+
+    # The winner into the workspace: its training and evaluation come with it (cached outputs), so
+    # `dvc repro` only exports and registers it.
+    _sh(["dvc", "exp", "apply", names[0]], repo, env)
+    assert _ran(_sh(["dvc", "repro", "--dry"], repo, env)) == {"export", "register"}
 
 
 def _model_versions(repo: Path) -> int:

@@ -111,10 +111,12 @@ def test_metrics_are_the_flat_per_stage_files() -> None:
     assert {k: v for k, v in declared.items() if v} == expected
 
 
-def test_metrics_and_plots_are_cached_so_dvc_exp_show_reads_them() -> None:
-    # runs/ is git-ignored: a `cache: false` metrics file is in no experiment's commit ("!" in exp show).
+def test_every_output_is_cached_so_experiments_carry_it() -> None:
+    # runs/ is git-ignored: a `cache: false` output is in no experiment's commit, so `dvc exp show` cannot
+    # read it ("!"), a queued experiment's workspace lacks it (its stage reruns) and `dvc exp apply`
+    # cannot restore it (the next `dvc repro` reruns the stage and all after it).
     for name, stage in _dvc_stages().items():
-        for entry in [*stage.get("metrics", []), *stage.get("plots", [])]:
+        for entry in [*stage.get("outs", []), *stage.get("metrics", []), *stage.get("plots", [])]:
             if isinstance(entry, dict):
                 (path, opts), *_ = entry.items()
                 assert (opts or {}).get("cache", True), f"{name}: {path} must be cached"
