@@ -14,7 +14,6 @@ import json
 import os
 import re
 import shutil
-import sqlite3
 import subprocess
 import sys
 import time
@@ -277,9 +276,11 @@ def test_a_queued_sweep_runs_one_training_at_a_time_and_ranks(checkout) -> None:
 
 
 def _model_versions(repo: Path) -> int:
-    """Model versions in the checkout's registry (its params point at work/mlflow.db)."""
-    with sqlite3.connect(repo.parent / "mlflow.db") as db:
-        return db.execute("SELECT COUNT(*) FROM model_versions").fetchone()[0]
+    """Model versions in the checkout's registry (its params point at work/mlflow.db), read through
+    MLflow's client like the other e2e tests, not its database schema."""
+    import mlflow
+
+    return len(mlflow.MlflowClient(tracking_uri=f"sqlite:///{repo.parent}/mlflow.db").search_model_versions())
 
 
 def _experiments(obj: object) -> list[dict]:
