@@ -24,11 +24,13 @@ with bare steps too (on the stage's batches), and stage-vs-naive is reported bot
 side divided by the bare rate measured beside it (the machine's speed at that moment).
 
 MFU: useful FLOPs per non-pad token (LoRA: frozen weights need no weight gradient)
-    4 * N_frozen_matmul + 6 * N_lora + 12 * L * d * T
-(forward 2N, input-gradient 2N for frozen weights; 6N for LoRA weights; attention scores and
-values forward + backward with T the mean sequence length, PaLM's convention), where
-N_frozen_matmul counts every weight used in a matmul (the tied LM head included, embeddings lookups
-not). The common convention 6 * N_params is reported too. Divided by torch.matmul fp32 FLOP/s on
+    4 * N_frozen_matmul + 2 * N_full_matmul + 6 * N_lora + 12 * L * d * T
+(forward 2N, input-gradient 2N for every base weight; the weight gradient 2N more for those that
+`lora.modules_to_save` trains in full; 6N for LoRA weights; attention scores and values forward +
+backward with T the mean sequence length, PaLM's convention), where N_frozen_matmul counts every base
+weight used in a matmul (the tied LM head included, embeddings lookups not) and N_full_matmul those
+of them trained in full (the tied LM head when the embeddings are). The common convention
+6 * N_params is reported too. Divided by torch.matmul fp32 FLOP/s on
 square matrices measured in the same run.
 """
 
@@ -510,13 +512,26 @@ def _flops_per_token(cfg: Any, mean_seq_len: float) -> dict[str, Any]:
     for name, m in model.named_modules():
         if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in targets:
             n_lora += cfg.lora.r * (m.in_features + m.out_features)
+    # lora.modules_to_save trains weights in full: a matmul among them (the tied LM head when the
+    # embeddings are saved) also needs its weight gradient, 2N more per token.
+    wanted = set(cfg.lora.modules_to_save)
+    saved = {
+        id(p)
+        for name, m in model.named_modules()
+        if name.rsplit(".", 1)[-1] in wanted
+        for p in m.parameters()
+    }
+    n_full = sum(
+        m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear) and id(m.weight) in saved
+    )
     layers, d = mconf.num_hidden_layers, mconf.hidden_size
     attn = 12 * layers * d * mean_seq_len
-    lora_flops = 4 * linear + 6 * n_lora + attn
+    lora_flops = 4 * linear + 2 * n_full + 6 * n_lora + attn
     return {
-        "formula": "4*N_frozen_matmul + 6*N_lora + 12*L*d*T",
+        "formula": "4*N_matmul + 2*N_full_matmul + 6*N_lora + 12*L*d*T",
         "N_params": total,
         "N_frozen_matmul": linear,
+        "N_full_matmul": n_full,
         "lm_head_tied": head_tied,
         "N_lora": n_lora,
         "L": layers,

@@ -1,10 +1,9 @@
 """params.yaml -> one frozen, typed configuration.
 
 Every stage reads its own section. Unknown keys, wrong types and out-of-range values are refused with
-one line naming the key and what is allowed (nanoGPT's configurator, with types). Overrides come from
-`--set section.key=value` on the CLI, `dvc exp run -S`, or Airflow trigger Params; all go through
-:func:`load_config`, so a value is checked the same way wherever it comes from. The trigger form is
-generated from these models (runners/trigger_form.py): its bounds are the `Field`/`Literal` here.
+one line naming the key and what is allowed. Overrides come from `--set section.key=value` on the CLI,
+`dvc exp run -S`, or Airflow trigger Params; all go through :func:`load_config`, so a value is checked
+the same way wherever it comes from. The trigger form is generated from these models: its bounds are here.
 """
 
 from __future__ import annotations
@@ -129,9 +128,10 @@ class LoraSection(_Section):
         title="Target modules",
         description="Module names to adapt, one per line in the trigger form, e.g. q_proj, v_proj.",
     )
+    modules_to_save: tuple[str, ...] = ()  # PEFT's: trained in full, e.g. embed_tokens (tied stay tied)
     bias: Literal["none", "all", "lora_only"] = "none"
 
-    @field_validator("target_modules", mode="before")
+    @field_validator("target_modules", "modules_to_save", mode="before")
     @classmethod
     def _one_or_many(cls, value: Any) -> Any:
         return (value,) if isinstance(value, str) else value

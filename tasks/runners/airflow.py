@@ -42,6 +42,7 @@ PARAM_KEYS: dict[str, str] = {
     "lora_alpha": "lora.alpha",
     "lora_dropout": "lora.dropout",
     "lora_target_modules": "lora.target_modules",
+    "lora_modules_to_save": "lora.modules_to_save",
     "num_train_epochs": "train.num_train_epochs",
     "max_steps": "train.max_steps",
     "learning_rate": "train.learning_rate",

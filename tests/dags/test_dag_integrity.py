@@ -55,6 +55,7 @@ def test_trigger_form_params(dagbag) -> None:
     cfg = load_config()
     assert params["learning_rate"] == cfg.train.learning_rate
     assert params["lora_target_modules"] == list(cfg.lora.target_modules)
+    assert params["lora_modules_to_save"] == list(cfg.lora.modules_to_save) != []
     schema = params.get_param("learning_rate").schema
     assert schema["exclusiveMinimum"] == 0 and schema["section"] == "Training" and schema["title"]
     for name in (

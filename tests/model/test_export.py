@@ -207,10 +207,14 @@ def _fake_rocm_installed(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def _make_run(run_dir: Path, base: Path) -> None:
-    """eval.jsonl, a passing gate + a LoRA adapter trained for a few steps (lora_B non-zero) on the tiny base."""
+    """eval.jsonl, a passing gate + an adapter trained for a few steps on the tiny base: LoRA on q/v
+    (lora_B non-zero) and, as params.yaml's default does, the tied embeddings trained in full."""
     import torch
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tasks.core.config import LoraSection
+    from tasks.stages.train.model import lora_config
 
     (run_dir / "data").mkdir(parents=True)
     (run_dir / "eval").mkdir()
@@ -222,8 +226,14 @@ def _make_run(run_dir: Path, base: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(base)
     model = get_peft_model(
         AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
-        LoraConfig(
-            r=4, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"
+        lora_config(
+            LoraSection(
+                r=4,
+                alpha=16,
+                dropout=0.0,
+                target_modules=("q_proj", "v_proj"),
+                modules_to_save=("embed_tokens",),
+            )
         ),
     )
     texts = [format_prompt(q) + format_completion(a) for q, a in QUESTIONS]
@@ -290,6 +300,33 @@ def test_merge_is_nontrivial_and_matches_adapter_on_base(exported: dict[str, Any
 
 
 @pytest.mark.slow
+def test_merged_model_reloads_with_its_trained_tied_embeddings(exported: dict[str, Any]) -> None:
+    """The merged model as saved (what the registry keeps) answers like the adapter on the base: the
+    embeddings trained in full are in it, and the output head, tied to them, reloads tied to them too."""
+    import torch
+    from peft import PeftModel
+    from safetensors.numpy import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    merged_dir = Path(exported["result"]["merged_dir"])
+    weights = load_file(merged_dir / "model.safetensors")
+    base_weights = load_file(exported["base"] / "model.safetensors")
+    emb = next(k for k in base_weights if k.endswith("embed_tokens.weight"))
+    assert abs(weights[emb] - base_weights[emb]).max() > 0, "the embeddings were not trained: vacuous"
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
+    assert merged.get_output_embeddings().weight is merged.get_input_embeddings().weight
+    adapter = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(exported["base"], dtype=torch.float32),
+        str(Path(exported["run_dir"]) / "train" / "adapter"),
+    ).eval()
+    tokenizer = AutoTokenizer.from_pretrained(merged_dir)
+    ids = tokenizer([format_prompt(q) for q, _ in QUESTIONS[:2]], return_tensors="pt", padding=True)
+    with torch.inference_mode():
+        diff = (merged(**ids).logits - adapter(**ids).logits).abs().max().item()
+    assert diff <= exported["cfg"].export.merge_atol, f"reloaded merged model vs adapter: {diff}"
+
+
+@pytest.mark.slow
 def test_onnx_parity_with_kv_cache_on_a_padded_batch(exported: dict[str, Any]) -> None:
     """The stage's own numbers, then an independent check: ORT greedy (prefill + 1-token cached steps) on
     prompts of different lengths equals transformers generate(), and padding does not change an answer."""
@@ -353,6 +390,7 @@ def test_export_artifacts_summary_and_card(exported: dict[str, Any]) -> None:
     card = (export_dir / "README.md").read_text()
     assert "**CPU fallback**" in card and "ROCMExecutionProvider" in card
     assert "r=4, alpha=16" in card  # from the adapter's own config, not params.yaml's r=8
+    assert "target modules q_proj, v_proj; trained in full: embed_tokens" in card
     assert "Data version (DVC): not available" in card
     # Serving cost measured as served (a fresh process, no champion in this registry): in the summary,
     # the card and the DVC metrics.

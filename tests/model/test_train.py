@@ -373,6 +373,7 @@ def test_two_cpu_processes_match_one(reference: dict[str, Any], tmp_path: Path) 
     [
         ("lora.target_modules=[q_proj, qkv_proj]", "'qkv_proj' matches no module"),
         ("lora.target_modules=[layers]", "LoRA cannot adapt"),
+        ("lora.modules_to_save=[embeddings]", "'embeddings' matches no module with weights"),
         ("train.max_length=4096", "exceeds the base model's max_position_embeddings"),
     ],
 )

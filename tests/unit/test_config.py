@@ -20,6 +20,7 @@ STABLE_KEYS = [
     "lora.alpha",
     "lora.dropout",
     "lora.target_modules",
+    "lora.modules_to_save",
     "register.tracking_uri",
     "runtime.device",
 ]

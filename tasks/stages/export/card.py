@@ -72,12 +72,14 @@ def _parameters(cfg: Config, layout: RunLayout) -> list[str]:
         "alpha": adapter.get("lora_alpha", cfg.lora.alpha),
         "dropout": adapter.get("lora_dropout", cfg.lora.dropout),
         "targets": sorted(targets) if isinstance(targets, list) else list(cfg.lora.target_modules),
+        "saved": adapter.get("modules_to_save") if adapter else list(cfg.lora.modules_to_save),
     }
+    saved = f"; trained in full: {', '.join(sorted(lora['saved']))}" if lora["saved"] else ""
     train = cfg.train
     return [
         "## Parameters (highlights)",
         f"- LoRA ({'adapter_config.json' if adapter else 'params'}): r={lora['r']}, alpha={lora['alpha']}, "
-        f"dropout={lora['dropout']}, target modules {', '.join(lora['targets'])}",
+        f"dropout={lora['dropout']}, target modules {', '.join(lora['targets'])}{saved}",
         f"- Training: epochs={train.num_train_epochs}, max_steps={train.max_steps}, lr={train.learning_rate}, "
         f"schedule={train.lr_scheduler_type}, batch={train.per_device_train_batch_size}x{train.gradient_accumulation_steps}, "
         f"max_length={train.max_length}, seed={train.seed}",

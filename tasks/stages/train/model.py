@@ -40,8 +40,9 @@ def inspect_base(cfg: Config, base: BaseRef) -> dict[str, Any]:
     """Check the params against the model (on the meta device: no weights read) before any step.
 
     Returns:
-        The model facts the device plan needs: model_type, total_params, lora_params, num_layers,
-        hidden_size, vocab_size, max_position_embeddings.
+        The model facts the device plan needs: model_type, total_params, lora_params, saved_params
+        (lora.modules_to_save, trained in full), num_layers, hidden_size, vocab_size,
+        max_position_embeddings.
 
     Raises:
         UserError: a non-positive learning rate or rank, max_length above the model's limit, or a
@@ -69,6 +70,7 @@ def inspect_base(cfg: Config, base: BaseRef) -> dict[str, Any]:
         "model_type": getattr(mconf, "model_type", None),
         "total_params": sum(p.numel() for p in model.parameters()),
         "lora_params": _check_target_modules(cfg, model, base),
+        "saved_params": _check_modules_to_save(cfg, model, base),
         "num_layers": getattr(text, "num_hidden_layers", 1),
         "hidden_size": getattr(text, "hidden_size", 0),
         "vocab_size": getattr(text, "vocab_size", 0),
@@ -121,6 +123,24 @@ def _check_target_modules(cfg: Config, model: Any, base: BaseRef) -> int:
     return total
 
 
+def _check_modules_to_save(cfg: Config, model: Any, base: BaseRef) -> int:
+    """Every lora.modules_to_save entry must name a module with parameters (PEFT suffix match).
+
+    Returns the parameters they train in full (tied weights counted once: PEFT keeps them tied).
+    """
+    named = dict(model.named_modules())
+    params: dict[int, int] = {}
+    for target in cfg.lora.modules_to_save:
+        matches = [m for name, m in named.items() if name == target or name.endswith("." + target)]
+        if not any(True for m in matches for _ in m.parameters()):
+            raise UserError(
+                f"lora.modules_to_save: {target!r} matches no module with weights of {base.ref}; "
+                "name one such as embed_tokens, lm_head or norm"
+            )
+        params.update((id(p), p.numel()) for m in matches for p in m.parameters())
+    return sum(params.values())
+
+
 def load_model(cfg: Config, base: BaseRef, plan: Any) -> Any:
     """The base model's weights in the plan's precision and attention, on this process's device.
 
@@ -157,6 +177,8 @@ def lora_config(lora: LoraSection) -> Any:
 
     Returns:
         A `peft.LoraConfig`; `target_modules: [all-linear]` becomes PEFT's "all-linear" shorthand.
+        `modules_to_save` keeps a tied input/output embedding tied (`ensure_weight_tying`): trained
+        apart, the merged model saved with `tie_word_embeddings` would reload with the wrong head.
     """
     from peft import LoraConfig
 
@@ -165,6 +187,8 @@ def lora_config(lora: LoraSection) -> Any:
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
         target_modules="all-linear" if lora.target_modules == ("all-linear",) else list(lora.target_modules),
+        modules_to_save=list(lora.modules_to_save) or None,
+        ensure_weight_tying=bool(lora.modules_to_save),
         bias=lora.bias,
         task_type="CAUSAL_LM",
     )

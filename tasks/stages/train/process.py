@@ -111,7 +111,7 @@ def plan_training(ctx: Context) -> DeviceChoice:
     half = precision in ("bf16", "fp16") or (precision == "auto" and caps.bf16_native)
     estimate = estimate_train_bytes(
         total_params=info["total_params"],
-        trainable_params=info["lora_params"],
+        trainable_params=info["lora_params"] + info["saved_params"],
         num_layers=info["num_layers"],
         hidden_size=info["hidden_size"],
         vocab_size=info["vocab_size"],
@@ -152,9 +152,10 @@ def load_inputs(ctx: Context, device: DeviceChoice) -> Inputs:
     model = get_peft_model(model, lora_config(cfg.lora))
     trainable, total = model.get_nb_trainable_parameters()
     log.info(
-        "LoRA r=%d on %s: %d trainable of %d parameters (%.3f%%)",
+        "LoRA r=%d on %s%s: %d trainable of %d parameters (%.3f%%)",
         cfg.lora.r,
         ",".join(cfg.lora.target_modules),
+        f", trained in full: {','.join(cfg.lora.modules_to_save)}" if cfg.lora.modules_to_save else "",
         trainable,
         total,
         100 * trainable / total,
