@@ -33,13 +33,15 @@ airflow: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m scripts.demo
 
-# The training and champion-gate tests run a second time as the other kind of CPU (bf16 capability
-# flipped with QA_LORA_CPU_BF16), so both precision paths stay green on every machine (README).
+# The training and champion-gate tests and the Airflow e2e good and sabotaged runs (a decisive gate pass,
+# a real failure) run a second time as the other kind of CPU (bf16 capability flipped with
+# QA_LORA_CPU_BF16), so both precision paths stay green on every machine (README).
 OTHER_CPU = $$($(BIN)/python -c "from tasks.plumbing.device import detect_capabilities as d; print(0 if d('cpu').bf16_native else 1)")
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
-	QA_LORA_CPU_BF16=$(OTHER_CPU) $(BIN)/python -m pytest -m slow tests/model/test_train.py tests/model/test_gate_champion.py
+	QA_LORA_CPU_BF16=$(OTHER_CPU) $(BIN)/python -m pytest -m slow tests/model/test_train.py tests/model/test_gate_champion.py \
+	  tests/e2e/test_airflow_e2e.py -k "not sweep"
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow and not e2e"
