@@ -128,7 +128,7 @@ class LoraSection(_Section):
         title="Target modules",
         description="Module names to adapt, one per line in the trigger form, e.g. q_proj, v_proj.",
     )
-    modules_to_save: tuple[str, ...] = ()  # PEFT's: trained in full, e.g. embed_tokens (tied stay tied)
+    modules_to_save: tuple[str, ...] = Field((), title="Trained in full", description="e.g. embed_tokens")
     bias: Literal["none", "all", "lora_only"] = "none"
 
     @field_validator("target_modules", "modules_to_save", mode="before")
