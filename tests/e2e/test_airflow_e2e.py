@@ -59,7 +59,8 @@ def _json_list(stdout: str) -> list[dict]:
 def _champion(e2e_home: Path) -> tuple[str, dict[str, str]] | None:
     import mlflow
 
-    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{e2e_home}/mlflow.db")
+    uri = f"sqlite:///{e2e_home}/mlflow.db"  # both: an earlier test may have left the global registry URI
+    client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
     try:
         mv = client.get_model_version_by_alias("qa-lora", "champion")
     except mlflow.exceptions.MlflowException:

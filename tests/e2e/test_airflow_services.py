@@ -44,7 +44,8 @@ def af(tmp_path_factory: pytest.TempPathFactory, repo_root: Path, tiny_base: Pat
 def _champion(tmp: Path) -> str | None:
     import mlflow
 
-    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp}/mlflow.db")
+    uri = f"sqlite:///{tmp}/mlflow.db"  # both: an earlier test may have left the global registry URI
+    client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
     try:
         return str(client.get_model_version_by_alias("qa-lora", "champion").version)
     except mlflow.exceptions.MlflowException:

@@ -280,7 +280,8 @@ def _model_versions(repo: Path) -> int:
     MLflow's client like the other e2e tests, not its database schema."""
     import mlflow
 
-    return len(mlflow.MlflowClient(tracking_uri=f"sqlite:///{repo.parent}/mlflow.db").search_model_versions())
+    uri = f"sqlite:///{repo.parent}/mlflow.db"  # both: an earlier test may have left the global registry URI
+    return len(mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri).search_model_versions())
 
 
 def _experiments(obj: object) -> list[dict]:

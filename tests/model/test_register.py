@@ -433,7 +433,7 @@ def test_champion_round_trip_generates_with_onnxruntime(
     import mlflow
 
     measured = json.loads((run / "export" / "export_summary.json").read_text())["serving"]["candidate"]
-    client = mlflow.MlflowClient(tracking_uri=registry)
+    client = mlflow.MlflowClient(tracking_uri=registry, registry_uri=registry)
     mv = client.get_model_version("round-trip", reg["version"])
     run_metrics = client.get_run(mv.run_id).data.metrics
     for key in ("tokens_per_s_b1", "latency_p95_ms", "size_bytes", "peak_rss_bytes"):
