@@ -89,6 +89,11 @@ def _lora_size(module: Any, r: int) -> int:
     return 0
 
 
+def _named_like(named: dict[str, Any], target: str) -> list[Any]:
+    """The modules PEFT's suffix match selects for `target` (the name itself or a dotted suffix)."""
+    return [m for name, m in named.items() if name == target or name.endswith("." + target)]
+
+
 def _check_target_modules(cfg: Config, model: Any, base: BaseRef) -> int:
     """Every lora.target_modules entry must name a Linear/Embedding of the model (PEFT suffix match).
 
@@ -106,7 +111,7 @@ def _check_target_modules(cfg: Config, model: Any, base: BaseRef) -> int:
     leaf_names = sorted({name.rsplit(".", 1)[-1] for name, m in named.items() if _lora_size(m, r)})
     total = 0
     for target in targets:
-        matches = [m for name, m in named.items() if name == target or name.endswith("." + target)]
+        matches = _named_like(named, target)
         if not matches:
             raise UserError(
                 f"lora.target_modules: {target!r} matches no module of {base.ref}; "
@@ -131,7 +136,7 @@ def _check_modules_to_save(cfg: Config, model: Any, base: BaseRef) -> int:
     named = dict(model.named_modules())
     params: dict[int, int] = {}
     for target in cfg.lora.modules_to_save:
-        matches = [m for name, m in named.items() if name == target or name.endswith("." + target)]
+        matches = _named_like(named, target)
         if not any(True for m in matches for _ in m.parameters()):
             raise UserError(
                 f"lora.modules_to_save: {target!r} matches no module with weights of {base.ref}; "
