@@ -38,10 +38,15 @@ demo: $(STAMP)
 # QA_LORA_CPU_BF16), so both precision paths stay green on every machine (README).
 OTHER_CPU = $$($(BIN)/python -c "from tasks.plumbing.device import detect_capabilities as d; print(0 if d('cpu').bf16_native else 1)")
 
+# Two test processes (pytest-xdist): most of the suite is single-threaded Python (process start-up,
+# imports, graph tracing, services' polling). tests/conftest.py says what runs together and what first.
+TEST_WORKERS ?= 2
+PARALLEL = -n $(TEST_WORKERS) --no-loadscope-reorder
+
 test: $(STAMP)
-	$(BIN)/python -m pytest
-	QA_LORA_CPU_BF16=$(OTHER_CPU) $(BIN)/python -m pytest -m slow tests/model/test_train.py tests/model/test_gate_champion.py \
-	  tests/e2e/test_airflow_e2e.py -k "not sweep"
+	$(BIN)/python -m pytest $(PARALLEL)
+	QA_LORA_CPU_BF16=$(OTHER_CPU) $(BIN)/python -m pytest $(PARALLEL) -m slow tests/model/test_train.py \
+	  tests/model/test_gate_champion.py tests/e2e/test_airflow_e2e.py -k "not sweep"
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow and not e2e"

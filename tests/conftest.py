@@ -19,8 +19,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parent.parent
 
-# Airflow reads its home at import: a throwaway one per test session, our dags/ only, no examples.
-os.environ.setdefault("AIRFLOW_HOME", tempfile.mkdtemp(prefix="qa-lora-airflow-"))
+# Airflow reads its home at import: a throwaway one per test session, our dags/ only, no examples. Each
+# xdist worker (`make test` runs two) gets its own: they inherit the controller's environment.
+if os.environ.get("PYTEST_XDIST_WORKER") or "AIRFLOW_HOME" not in os.environ:
+    os.environ["AIRFLOW_HOME"] = tempfile.mkdtemp(prefix="qa-lora-airflow-")
 os.environ.setdefault("AIRFLOW__CORE__DAGS_FOLDER", str(REPO / "dags"))
 os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
 os.environ.setdefault("AIRFLOW__CORE__UNIT_TEST_MODE", "False")
@@ -39,3 +41,44 @@ def tiny_base() -> Path:
 
     result = build_base_model(load_config())
     return Path(result["path"])
+
+
+# `make test` runs two pytest-xdist workers: most of the suite is single-threaded Python (process
+# start-up, imports, graph tracing, services' polling), so two on two cores take far less time than one.
+# A unit of work is one test file (its module fixtures, and tests that run in file order, stay in one
+# process), except tests/reliability, one unit: its files share the session's `journey` (built once).
+# The units measured longest (seconds, one worker) start first; the many short ones fill the end.
+LONGEST_FIRST = (
+    "tests/reliability",  # 420: the journey, kills, the S3 store, secrets
+    "tests/e2e/test_dvc_e2e.py",  # 290
+    "tests/e2e/test_airflow_services.py",  # 237
+    "tests/e2e/test_airflow_e2e.py",  # 190
+    "tests/e2e/test_airflow_services_celery.py",  # 121
+)
+
+
+def work_unit(nodeid: str) -> str:
+    """The unit of work (for xdist) a test belongs to."""
+    path = nodeid.split("::")[0]
+    return "tests/reliability" if path.startswith("tests/reliability/") else path
+
+
+@pytest.hookimpl(optionalhook=True, tryfirst=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
+    """Schedule by :func:`work_unit` (xdist's own `--dist loadgroup` marks are lost under pytest 9.2)."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByWorkUnit(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return work_unit(nodeid)
+
+    return ByWorkUnit(config, log)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """In an xdist worker: the units in LONGEST_FIRST first (the scheduler hands units out in collection
+    order); a plain `pytest` keeps the collection order."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    first = {unit: i for i, unit in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: first.get(work_unit(item.nodeid), len(first)))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -45,22 +46,27 @@ def atomic_dir(final: Path) -> Iterator[Path]:
 
 
 def write_json_atomic(path: Path, payload: Any) -> Path:
-    """Write JSON to `path` via a temporary file and an atomic rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{_TMP}{path.name}")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    """Write JSON to `path` via a temporary file and an atomic rename (see :func:`write_text_atomic`)."""
+    return write_text_atomic(path, json.dumps(payload, indent=2, sort_keys=False) + "\n")
 
 
 def write_text_atomic(path: Path, text: str) -> Path:
-    """Write text to `path` via a temporary file and an atomic rename."""
+    """Write text to `path` via a temporary file and an atomic rename.
+
+    The temporary's name is unique per call: processes that share a file (the eval cache, the precision
+    verdicts, parallel test workers) never write into each other's temporary; the last rename wins whole.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{_TMP}{path.name}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    fd, name = tempfile.mkstemp(prefix=f"{_TMP}{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.chmod(name, 0o644)  # mkstemp creates 0600; a shared cache is read by other users' tasks too
+        os.replace(name, path)
+    except BaseException:
+        Path(name).unlink(missing_ok=True)
+        raise
     return path
 
 
