@@ -20,7 +20,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO = Path(__file__).resolve().parent.parent
 
 # Airflow reads its home at import: a throwaway one per test session, our dags/ only, no examples. Each
-# xdist worker (`make test` runs two) gets its own: they inherit the controller's environment.
+# xdist worker (`make test TEST_WORKERS=2`) gets its own: they inherit the controller's environment.
 if os.environ.get("PYTEST_XDIST_WORKER") or "AIRFLOW_HOME" not in os.environ:
     os.environ["AIRFLOW_HOME"] = tempfile.mkdtemp(prefix="qa-lora-airflow-")
 os.environ.setdefault("AIRFLOW__CORE__DAGS_FOLDER", str(REPO / "dags"))
@@ -43,8 +43,8 @@ def tiny_base() -> Path:
     return Path(result["path"])
 
 
-# `make test` runs two pytest-xdist workers: most of the suite is single-threaded Python (process
-# start-up, imports, graph tracing, services' polling), so two on two cores take far less time than one.
+# `make test TEST_WORKERS=2` runs two pytest-xdist workers (opt-in, see the Makefile): most of the suite
+# is single-threaded Python (process start-up, imports, graph tracing, services' polling).
 # A unit of work is one test file (its module fixtures, and tests that run in file order, stay in one
 # process), except tests/reliability, one unit: its files share the session's `journey` (built once).
 # The units measured longest (seconds, one worker) start first; the many short ones fill the end.
