@@ -3,6 +3,7 @@ params snapshot). Secrets here are made-up values; each assertion names the exac
 
 from __future__ import annotations
 
+import io
 import logging
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import pytest
 import yaml
 
 from tasks.core.config import load_config, save_config
-from tasks.core.logs import setup_logging
+from tasks.core.logs import adopt_library_loggers, setup_logging
 from tasks.core.redact import MASK, redact, redact_obj, redact_uri
 from tasks.runners.cli import main
 
@@ -53,7 +54,11 @@ def test_secret_env_values_and_remembered_passwords_are_masked_anywhere(
 def test_every_log_record_is_redacted_message_arguments_and_traceback(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
+    import dvc.logger
+
     setup_logging("INFO")
+    dvc.logger.setup()  # what `import dvc` does: console handlers on its loggers, bound to this stderr
+    adopt_library_loggers("dvc", "dvc_objects", "dvc_data")  # what the version stage does after it
     try:
         logging.getLogger("qa_lora.test").info("store %s unavailable", f"http://alice:{PASSWORD}@h:9/")
         logging.getLogger("some.library").warning(f"plain message with ?token={PASSWORD}")
@@ -68,6 +73,22 @@ def test_every_log_record_is_redacted_message_arguments_and_traceback(
     assert "qa_lora.test: store http://***@h:9/ unavailable" in err
     assert "plain message with ?token=***" in err
     assert "ConnectionError: cannot reach http://***@h:9/" in err  # the traceback is kept, masked
+    assert "ERROR: failed" not in err  # DVC's own console line: one line per record, ours
+
+
+def test_a_library_handler_outside_the_root_logger_sees_the_record_redacted() -> None:
+    """A handler on a library's own logger writes before the root's: the record is redacted when made."""
+    setup_logging("INFO")
+    stream = io.StringIO()
+    own = logging.getLogger("some.library.with.its.own.handler")
+    own.addHandler(handler := logging.StreamHandler(stream))
+    own.propagate = False
+    try:
+        own.warning("pushing to %s", f"https://bob:{PASSWORD}@remote.example/dvc")
+    finally:
+        own.removeHandler(handler)
+        logging.getLogger().handlers.clear()
+    assert stream.getvalue() == "pushing to https://***@remote.example/dvc\n"
 
 
 def test_cli_error_line_masks_the_tracking_uri(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

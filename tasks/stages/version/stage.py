@@ -41,6 +41,7 @@ from typing import Any
 from tasks.core.artifacts import atomic_dir, write_json_atomic
 from tasks.core.config import REPO_ROOT, Config
 from tasks.core.errors import StoreUnavailable, UserError
+from tasks.core.logs import adopt_library_loggers
 from tasks.core.redact import redact, redact_uri
 
 log = logging.getLogger("qa_lora.version")
@@ -237,6 +238,7 @@ def _open_repo(root: Path, remote: str) -> Iterator[Any]:
     from dvc.exceptions import NotDvcRepoError
     from dvc.repo import Repo
 
+    adopt_library_loggers("dvc", "dvc_objects", "dvc_data")  # DVC's own console handlers print unredacted
     if not (root / ".dvc").is_dir():
         raise UserError(f"{root}: not a DVC project (no .dvc/); run `dvc init` there")
     try:
