@@ -38,11 +38,12 @@ demo: $(STAMP)
 # QA_LORA_CPU_BF16), so both precision paths stay green on every machine (README).
 OTHER_CPU = $$($(BIN)/python -c "from tasks.plumbing.device import detect_capabilities as d; print(0 if d('cpu').bf16_native else 1)")
 
-# `make test TEST_WORKERS=2`: two test processes (pytest-xdist). Most of the suite is single-threaded
-# Python (process start-up, imports, graph tracing, services' polling): on 2 cores the first pass took
-# 17 min instead of 27, but one e2e serving-cost rule (2x tolerance) then failed once under the other
-# worker's load, so the default stays one process (0: no xdist). tests/conftest.py groups the units.
-TEST_WORKERS ?= 0
+# Two test processes (pytest-xdist) where the machine has two CPUs or more (TEST_WORKERS=0: one process,
+# no xdist). Most of the suite is single-threaded Python (process start-up, imports, graph tracing, the
+# services' polling): on 2 cores the first pass takes ~15 min instead of 27. Each worker and its
+# subprocesses run on their own share of the CPUs, so timings taken side by side in one worker (the
+# export's serving cost) do not measure the other worker's load. tests/conftest.py groups the units.
+TEST_WORKERS ?= $(shell [ "$$(nproc)" -ge 2 ] && echo 2 || echo 0)
 PARALLEL = -n $(TEST_WORKERS) --no-loadscope-reorder
 
 test: $(STAMP)
@@ -51,7 +52,7 @@ test: $(STAMP)
 	  tests/model/test_gate_champion.py tests/e2e/test_airflow_e2e.py -k "not sweep"
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -m "not slow and not e2e"
+	$(BIN)/python -m pytest $(PARALLEL) -m "not slow and not e2e"
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run

@@ -20,9 +20,20 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO = Path(__file__).resolve().parent.parent
 
 # Airflow reads its home at import: a throwaway one per test session, our dags/ only, no examples. Each
-# xdist worker (`make test TEST_WORKERS=2`) gets its own: they inherit the controller's environment.
+# xdist worker (`make test` runs two) gets its own: they inherit the controller's environment.
 if os.environ.get("PYTEST_XDIST_WORKER") or "AIRFLOW_HOME" not in os.environ:
     os.environ["AIRFLOW_HOME"] = tempfile.mkdtemp(prefix="qa-lora-airflow-")
+
+# Each xdist worker runs on its own share of the CPUs, and so do its subprocesses (Airflow's services and
+# tasks, the stages): torch, OpenMP and ONNX Runtime size their thread pools from it. Without it, two
+# workers' thread pools spin on the same cores, and what one worker times side by side (the export's
+# serving cost of candidate vs champion) measures the other worker's load instead.
+if os.environ.get("PYTEST_XDIST_WORKER") and hasattr(os, "sched_setaffinity"):
+    _cpus = sorted(os.sched_getaffinity(0))
+    _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    _index = int(os.environ["PYTEST_XDIST_WORKER"].removeprefix("gw"))
+    if _workers <= len(_cpus):
+        os.sched_setaffinity(0, _cpus[_index::_workers])
 os.environ.setdefault("AIRFLOW__CORE__DAGS_FOLDER", str(REPO / "dags"))
 os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
 os.environ.setdefault("AIRFLOW__CORE__UNIT_TEST_MODE", "False")
@@ -43,7 +54,7 @@ def tiny_base() -> Path:
     return Path(result["path"])
 
 
-# `make test TEST_WORKERS=2` runs two pytest-xdist workers (opt-in, see the Makefile): most of the suite
+# `make test` runs two pytest-xdist workers on 2+ CPUs (see the Makefile): most of the suite
 # is single-threaded Python (process start-up, imports, graph tracing, services' polling).
 # A unit of work is one test file (its module fixtures, and tests that run in file order, stay in one
 # process), except tests/reliability, one unit: its files share the session's `journey` (built once).

@@ -167,6 +167,7 @@ def _readable_files(root: Path) -> list[Path]:
     return [p for p in root.rglob("*") if p.is_file() and not p.is_symlink()]
 
 
+@pytest.mark.slow  # the journey trains and exports
 def test_planted_secrets_reach_no_output(journey: dict[str, Any]) -> None:
     """Every stage ran (and was killed, resumed, re-run) with tokens and passwords in its environment;
     none appears in any file the runs wrote: run dirs (params snapshot, reports, model card, summaries),
@@ -244,6 +245,7 @@ def _error_line(done: subprocess.CompletedProcess[str]) -> str:
     return lines[0]
 
 
+@pytest.mark.slow  # the journey trains and exports
 def test_credentials_in_uris_are_masked_in_every_error_line(credential_runs: dict[str, Any]) -> None:
     """Each failing path really used the credentialed URI (its masked form is in the message)."""
     port = credential_runs["port"]
@@ -262,6 +264,7 @@ def test_credentials_in_uris_are_masked_in_every_error_line(credential_runs: dic
     assert "qa-lora-org/private-base" in _error_line(credential_runs["hub"])
 
 
+@pytest.mark.slow  # the journey trains and exports
 def test_credentialed_runs_that_succeed_record_masked_uris(credential_runs: dict[str, Any]) -> None:
     for name in ("version_ok", "prepare", "register_ok"):
         done = credential_runs[name]
@@ -275,6 +278,7 @@ def test_credentialed_runs_that_succeed_record_masked_uris(credential_runs: dict
     assert credential_runs["registry_state"]["versions"], "the registration reached the registry"
 
 
+@pytest.mark.slow  # the journey trains and exports
 def test_no_planted_credential_reaches_any_file_log_object_or_registry_field(
     journey: dict[str, Any], credential_runs: dict[str, Any], s3_server: LoopbackS3
 ) -> None:
