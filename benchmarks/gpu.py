@@ -98,10 +98,10 @@ def measure(
     )
     dtype = "bfloat16" if gpu else "float32"
     gemm = gemm_flops(device, dtype, [4096, 8192] if gpu else [256, 512], seconds=2.0 if gpu else 0.3)
-    stage = training._measure_stage(cfg, run_dir, warmup, blocks, attn="sdpa")
+    stage = training.measure_stage(cfg, run_dir, warmup, blocks, attn="sdpa")
     batches = stage.pop("batches")
-    naive = training._measure_naive(cfg, run_dir, batch, batches, "sdpa", 2, naive_steps, blocks)
-    flops = training._flops_per_token(cfg, stage["trainer"]["mean_seq_len"])
+    naive = training.measure_naive(cfg, run_dir, batch, batches, "sdpa", 2, naive_steps, blocks)
+    flops = training.flops_per_token(cfg, stage["trainer"]["mean_seq_len"])
     variants = _variants(cfg, batches, variant_batches, quick)
     best = max(g["flops"] for g in gemm.values())
     s_rate, s_probe = stage["trainer"]["tokens_per_s"], stage["paired_bare"]["tokens_per_s"]
@@ -109,7 +109,7 @@ def measure(
     for v in variants:
         if "tokens_per_s" in v:
             v["mfu"] = ratio(v["tokens_per_s"] * flops["lora"], best)
-    steady = _steady_state(batches, stage["trainer_step_s"], stage["bare_step_s"], warmup)
+    steady = steady_state(batches, stage["trainer_step_s"], stage["bare_step_s"], warmup)
     rate = steady["trainer_tokens_per_s"]
     steady["mfu"] = ratio(rate * flops["lora"], best) if rate else None
     profile = _guarded(_profile_bare, cfg, batches)
@@ -161,7 +161,7 @@ def _variants(
     out = []
     for size in sizes:
         try:
-            rows = training._batch_variants(
+            rows = training.batch_variants(
                 cfg,
                 batches,
                 "sdpa",
@@ -179,7 +179,7 @@ def _variants(
     return out
 
 
-def _steady_state(
+def steady_state(
     batches: list[dict[str, Any]], trainer_s: list[float], bare_s: list[float], warmup: int
 ) -> dict[str, Any]:
     """The measured steps whose batch shape the process had already run.
@@ -219,7 +219,7 @@ def _profile_bare(cfg: Any, batches: list[dict[str, Any]], steps: int = 3) -> di
 
     gpu = cfg.runtime.device == "cuda"
 
-    bare = training._Bare(cfg, "sdpa")
+    bare = training.Bare(cfg, "sdpa")
     for b in batches[:2]:
         bare.step(b)  # warm: shapes, allocator
     chosen = batches[2 : 2 + steps]

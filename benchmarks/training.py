@@ -73,15 +73,15 @@ def run(tmp: Path, quick: bool, device: str = "cpu") -> dict[str, Any]:
         ],
     )
     load_before = loadavg()
-    stage = _measure_stage(cfg, run_dir, warmup, blocks)
+    stage = measure_stage(cfg, run_dir, warmup, blocks)
     batches = stage.pop("batches")
     attn = stage["attn_implementation"]
-    naive = _measure_naive(cfg, run_dir, batch, batches, attn, 1, naive_steps, blocks)
+    naive = measure_naive(cfg, run_dir, batch, batches, attn, 1, naive_steps, blocks)
     # The walkthrough's own batch size and LoRA (params/llama2-7b-mi300x.yaml), as a user porting it
     # would run it: what switching from that port to the stage's defaults buys.
     walk = load_config(REPO_ROOT / "params" / "llama2-7b-mi300x.yaml")
     wb = walk.train.per_device_train_batch_size
-    naive_walk = _measure_naive(
+    naive_walk = measure_naive(
         cfg, run_dir, wb, batches, attn, 2, naive_steps * max(1, batch // wb), blocks, lora=walk.lora
     )
     load_after = loadavg()
@@ -112,10 +112,10 @@ def run(tmp: Path, quick: bool, device: str = "cpu") -> dict[str, Any]:
     }
 
     # ---- figure 2: MFU
-    flops = _flops_per_token(cfg, stage["trainer"]["mean_seq_len"])
+    flops = flops_per_token(cfg, stage["trainer"]["mean_seq_len"])
     sizes = [256, 2048] if not quick else [256, 1024]
     gemm = gemm_flops("cpu", "float32", sizes, seconds=1.0 if not quick else 0.5)
-    variants = _batch_variants(cfg, batches, stage["attn_implementation"], quick)
+    variants = batch_variants(cfg, batches, stage["attn_implementation"], quick)
     figure2 = {
         "flops_per_token": flops,
         "gemm_fp32": gemm,
@@ -139,7 +139,7 @@ def run(tmp: Path, quick: bool, device: str = "cpu") -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------ bare
 
 
-class _Bare:
+class Bare:
     """A plain PyTorch + PEFT training step (forward, backward, clip, AdamW), timed per batch."""
 
     KEYS = ("input_ids", "attention_mask", "labels", "position_ids")
@@ -212,7 +212,7 @@ class _Paired:
     def __init__(self, cfg: Any, attn: str, probe_batches: list[dict[str, Any]] | None) -> None:
         self.cfg, self.attn = cfg, attn
         self.probe_batches = probe_batches  # None: probe with the batch the trainer just used
-        self.bare: _Bare | None = None
+        self.bare: Bare | None = None
         self.mark = 0.0
         self.trainer_times: list[float] = []
         self.bare_times: list[float] = []
@@ -226,7 +226,7 @@ class _Paired:
 
     def begin(self, model: Any) -> None:
         if self.bare is None:  # the same precision as the stage's model (its device plan's choice)
-            self.bare = _Bare(self.cfg, self.attn, model.get_input_embeddings().weight.dtype)
+            self.bare = Bare(self.cfg, self.attn, model.get_input_embeddings().weight.dtype)
             self.handle = model.register_forward_pre_hook(self._hook, with_kwargs=True)
             _sync(self.cfg)
             self.mark = time.perf_counter()
@@ -254,7 +254,7 @@ class _Paired:
 # ----------------------------------------------------------------------------------------- stage
 
 
-def _measure_stage(cfg: Any, run_dir: Path, warmup: int, blocks: int, attn: str = "sdpa") -> dict[str, Any]:
+def measure_stage(cfg: Any, run_dir: Path, warmup: int, blocks: int, attn: str = "sdpa") -> dict[str, Any]:
     """Run the train stage unchanged; time its optimizer steps, each paired with a bare step.
 
     `attn` is the bare loop's attention; the stage's own choice is checked against it afterwards.
@@ -357,7 +357,7 @@ CPU_VARIANTS = (
 )
 
 
-def _batch_variants(
+def batch_variants(
     cfg: Any,
     batches: list[dict[str, Any]],
     attn: str,
@@ -380,7 +380,7 @@ def _batch_variants(
     g = torch.Generator().manual_seed(0)
     order = torch.randperm(len(seqs), generator=g).tolist()
     pool = [seqs[i] for i in order][: 128 if quick else 192]
-    bare = _Bare(cfg, attn)
+    bare = Bare(cfg, attn)
     out = []
     for name, size, grouped in variants:
         items = sorted(pool, key=lambda s: -len(s[0])) if grouped else pool
@@ -412,7 +412,7 @@ def _pad(rows: list[tuple[Any, Any]]) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------- naive
 
 
-def _measure_naive(
+def measure_naive(
     cfg: Any,
     run_dir: Path,
     batch: int,
@@ -495,7 +495,7 @@ def _measure_naive(
 # ----------------------------------------------------------------------------------------- FLOPs
 
 
-def _flops_per_token(cfg: Any, mean_seq_len: float) -> dict[str, Any]:
+def flops_per_token(cfg: Any, mean_seq_len: float) -> dict[str, Any]:
     """Counts of the base model (from its config, on the meta device) and the LoRA adapter."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM

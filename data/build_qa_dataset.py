@@ -177,7 +177,7 @@ def _stable_hash(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def _summary(doc: str) -> str:
+def first_paragraph(doc: str) -> str:
     """First paragraph of a docstring (a bare signature paragraph skipped), whitespace normalized."""
     paragraphs = [" ".join(p.split()) for p in re.split(r"\n\s*\n", inspect.cleandoc(doc))]
     paragraphs = [p for p in paragraphs if p]
@@ -192,7 +192,7 @@ def _is_bare_signature(summary: str, name: str) -> bool:
     return re.fullmatch(rf"{re.escape(name)}(\(.*\)| = .*)?", summary) is not None
 
 
-def _cap_words(text: str, max_words: int = MAX_ANSWER_WORDS) -> str:
+def cap_words(text: str, max_words: int = MAX_ANSWER_WORDS) -> str:
     """Keep whole sentences while they fit max_words; cut a longer first sentence at max_words."""
     if len(text.split()) <= max_words:
         return text
@@ -298,13 +298,13 @@ def build_rows() -> list[dict[str, str]]:
             entries = list(_iter_entries(module_name))
         _check_stdlib(module_name)
         for kind, qual, name, owner, doc in entries:
-            summary = _summary(doc)
+            summary = first_paragraph(doc)
             if qual in seen or _is_bare_signature(summary, name):
                 continue
             seen[qual] = {
                 "id": _stable_hash(qual)[:12],
                 "question": _question(kind, qual, name, owner, module_name),
-                "answer": _cap_words(summary),
+                "answer": cap_words(summary),
                 "category": module_name.split(".", 1)[0],
             }
     return [seen[qual] for qual in sorted(seen)]

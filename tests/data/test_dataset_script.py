@@ -165,15 +165,15 @@ def test_summary_takes_first_paragraph_and_skips_a_signature_line(script: Module
     doc = (
         "reduce(function, iterable) -> value\n\n    Apply a function\n    of two arguments.\n\n    More text."
     )
-    assert script._summary(doc) == "Apply a function of two arguments."
-    assert script._summary("   ") == ""
+    assert script.first_paragraph(doc) == "Apply a function of two arguments."
+    assert script.first_paragraph("   ") == ""
 
 
 def test_cap_words_keeps_whole_sentences(script: ModuleType) -> None:
     sentence = "Word " * 9 + "end."  # 10 words
     text = " ".join([sentence] * 8)  # 80 words
-    capped = script._cap_words(text, max_words=35)
+    capped = script.cap_words(text, max_words=35)
     assert capped == " ".join([sentence] * 3)
     long_sentence = "word " * 50 + "end."
-    assert script._cap_words(long_sentence, max_words=20) == " ".join(["word"] * 20) + " ..."
-    assert script._cap_words("Short one.", max_words=20) == "Short one."
+    assert script.cap_words(long_sentence, max_words=20) == " ".join(["word"] * 20) + " ..."
+    assert script.cap_words("Short one.", max_words=20) == "Short one."

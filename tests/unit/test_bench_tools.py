@@ -87,7 +87,7 @@ def test_steady_state_counts_only_shapes_seen_before() -> None:
     trainer = [1.0, 1.0, 0.5, 0.5, 2.0, 0.5]
     bare = [0.4, 0.4, 0.4, 0.4, 0.4, 0.4]
 
-    out = gpu._steady_state(batches, trainer, bare, warmup=1)
+    out = gpu.steady_state(batches, trainer, bare, warmup=1)
 
     # step 0 is warm-up, steps 1 (16) and 4 (24) meet a new shape: steps 2, 3 and 5 remain
     assert out["steps"] == 3
