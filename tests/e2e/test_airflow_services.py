@@ -90,8 +90,10 @@ def _until_approval(api: Api, run_id: str) -> dict:
     # A person reads the report before pressing a button. Airflow 3.3.2 has a race when the answer comes
     # within ~1 s of the pause: the scheduler re-queues the task for the answer, then handles the late
     # "paused" event from the executor as a state changed externally, retries the task, and the new try
-    # waits for an answer that was already given (seen in CI: the run waited 20 min).
-    time.sleep(5)
+    # waits for an answer that was already given (seen in CI: the run waited 20 min). The window is the
+    # scheduler's, not the task's: with the other test worker training on the other CPU, the scheduler
+    # handled the pause event 5.5 s after the task paused (2026-12-03), so 5 s was not enough.
+    time.sleep(15)
     return tis
 
 
