@@ -88,12 +88,28 @@ def redact(text: str, extra_secrets: Iterable[str] = ()) -> str:
 
 def _mask_userinfo(match: re.Match[str]) -> str:
     """Mask one URI's user-info and remember its password for later, bare occurrences."""
+    _SEEN_PASSWORDS.update(_passwords(match["userinfo"]))
+    return f"{match['scheme']}{MASK}@"
+
+
+def _passwords(userinfo: str) -> set[str]:
+    """The password of a URI's user-info, as written and percent-decoded (none when short or absent)."""
     from urllib.parse import unquote
 
-    _, sep, password = match["userinfo"].partition(":")
-    if sep and len(password) >= _MIN_SECRET_LEN:
-        _SEEN_PASSWORDS.update({password, unquote(password)})
-    return f"{match['scheme']}{MASK}@"
+    _, sep, password = userinfo.partition(":")
+    return {password, unquote(password)} if sep and len(password) >= _MIN_SECRET_LEN else set()
+
+
+def credentials_in(*texts: str) -> list[str]:
+    """The credentials :func:`redact` would mask in `texts`, longest first, for a host's own masker
+    (Airflow's): each URI's whole user-info (`user:password`, or a bare token) and its password (as
+    written and decoded), and the values of secret environment variables."""
+    found = set(secret_env_values())
+    for text in texts:
+        for match in _USERINFO.finditer(text or ""):
+            userinfo = match["userinfo"]
+            found |= _passwords(userinfo) | ({userinfo} if len(userinfo) >= _MIN_SECRET_LEN else set())
+    return sorted(found, key=len, reverse=True)
 
 
 def redact_uri(uri: str | None) -> str | None:

@@ -7,6 +7,7 @@ imported inside functions, so the module is usable (and tested) as plain Python.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -91,12 +92,31 @@ def overrides_from_params(params: dict[str, Any]) -> list[tuple[str, Any]]:
     return [(PARAM_KEYS[name], value) for name, value in params.items()]
 
 
+def _mask_credentials(*texts: str) -> None:
+    """Keep credentials out of this task's log, which every UI user can read.
+
+    Records made by Python's logging (ours and the libraries') are redacted where they are made
+    (`install_redaction`); Airflow's own lines (a failed task's traceback) go through its masker, which
+    is told each credential: those of secret environment variables and of URIs in `texts`.
+    """
+    from airflow.sdk.log import mask_secret
+
+    from tasks.core.logs import install_redaction
+    from tasks.core.redact import credentials_in
+
+    install_redaction()
+    for secret in credentials_in(*texts):
+        mask_secret(secret)
+
+
 @contextmanager
 def _fails_once(task: str) -> Iterator[None]:
     """A user error (bad data or params: retrying cannot help) fails the task once, in one line naming
-    the task; an unavailable registry or remote (StoreUnavailable) is left to Airflow's retries."""
+    the task; an unavailable registry or remote (StoreUnavailable) is left to Airflow's retries. The
+    task's log masks credentials from here on."""
     from airflow.sdk.exceptions import AirflowFailException
 
+    _mask_credentials()
     try:
         yield
     except StoreUnavailable:
@@ -122,6 +142,7 @@ def start_run(params: dict[str, Any], run_id: str) -> dict[str, Any]:
     end_with_parent()
     with _fails_once("prepare"):
         cfg = load_config(PARAMS_FILE, overrides_from_params(params))
+        _mask_credentials(json.dumps(cfg.to_dict()))  # a deployment's params file may hold a credentialed URI
         return prepare_run(cfg, run_dir_for(run_id))
 
 
@@ -152,6 +173,7 @@ def check_gate(run: dict[str, Any]) -> bool:
     from tasks.core.layout import read_gate
     from tasks.runners.pipeline import load_run_config
 
+    _mask_credentials()
     run_dir = Path(run["run_dir"])
     try:
         gate = read_gate(run_dir)
@@ -196,6 +218,7 @@ def promote_after_approval(run: dict[str, Any]) -> dict[str, Any]:
     from tasks.runners.pipeline import load_run_config
     from tasks.stages import register
 
+    _mask_credentials()
     run_dir = Path(run["run_dir"])
     try:
         return register.promote_run(load_run_config(run_dir), run_dir, actor="airflow-approval")
@@ -340,8 +363,9 @@ def notify(context: dict[str, Any]) -> None:
 
     Swap in an Airflow notifier (Slack, SMTP) in production by adding it to the DAG's callbacks.
     """
-    import json
     from datetime import UTC, datetime
+
+    from tasks.core.redact import redact
 
     dag_run = context.get("dag_run")
     ti = context.get("task_instance") or context.get("ti")
@@ -354,7 +378,7 @@ def notify(context: dict[str, Any]) -> None:
         "run_id": run_id,
         "state": state,
         "failed_task": getattr(ti, "task_id", None) if "fail" in state else None,
-        "reason": str(context.get("reason") or context.get("exception") or ""),
+        "reason": redact(str(context.get("reason") or context.get("exception") or "")),
         "run_dir": str(run_dir) if run_dir.is_dir() else None,
     }
     log.info("qa-lora run %s finished: %s", run_id, state)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import types
@@ -11,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from tasks.core.config import load_config, save_config
+from tasks.core.config import REPO_ROOT, load_config, save_config
 from tasks.core.errors import UserError
 from tasks.runners import airflow as ds
 
@@ -60,6 +61,57 @@ def test_failure_notice_names_only_paths_that_exist(runs_root: Path) -> None:
     ds.run_dir_for("manual__prepared").mkdir(parents=True)
     run_dir = notice("manual__prepared")["run_dir"]
     assert run_dir is not None and Path(run_dir).is_dir()
+
+
+PASSWORD, TOKEN = "pw-Secret-4711", "tok-Secret-0815"  # a deployment's params file and worker env
+
+
+@pytest.fixture
+def fresh_logging():
+    """Python's own record factory for the test (an earlier test may have installed the redacting one)."""
+    factory = logging.getLogRecordFactory()
+    logging.setLogRecordFactory(logging.LogRecord)
+    yield
+    logging.setLogRecordFactory(factory)
+
+
+def test_task_logs_mask_credentials_of_params_file_and_env(
+    runs_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fresh_logging
+) -> None:
+    from airflow.sdk.exceptions import AirflowFailException
+    from airflow.sdk.log import mask_logs  # the processor every line of an Airflow task log goes through
+
+    params = tmp_path / "deploy.yaml"
+    params.write_text(
+        f"extends: {REPO_ROOT / 'params.yaml'}\n"
+        f"register:\n  tracking_uri: https://alice:{PASSWORD}@mlflow.example.com\n"
+    )
+    monkeypatch.setattr(ds, "PARAMS_FILE", str(params))
+    monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", TOKEN)
+    with pytest.raises(AirflowFailException):  # refused after the config was read, before any run dir
+        ds.start_run({"data_source": "../../etc/passwd"}, "manual__2026-12-03T07:00:00+00:00")
+
+    line = f"POST https://alice:{PASSWORD}@mlflow.example.com failed ({PASSWORD}); token {TOKEN}"
+    airflow_line = mask_logs(None, "error", {"event": line})["event"]  # e.g. a failed task's traceback
+    library = logging.getLogger("mlflow.tracking.rest")
+    seen: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = seen.append  # type: ignore[method-assign]
+    library.addHandler(handler)
+    try:
+        library.error(line)  # a library's own record, as any handler receives it
+    finally:
+        library.removeHandler(handler)
+    for shown in (airflow_line, seen[0].getMessage()):
+        assert PASSWORD not in shown and TOKEN not in shown and "alice" not in shown, shown
+        assert "mlflow.example.com" in shown  # the rest of the line stays readable
+
+
+def test_failure_notice_masks_credentials(runs_root: Path) -> None:
+    error = RuntimeError(f"cannot reach https://alice:{PASSWORD}@mlflow.example.com")
+    ds.notify({"dag_run": types.SimpleNamespace(run_id="manual__x", state="failed"), "exception": error})
+    text = (runs_root / "notifications.jsonl").read_text()
+    assert PASSWORD not in text and "mlflow.example.com" in text
 
 
 def test_every_form_field_maps_to_a_real_key() -> None:
