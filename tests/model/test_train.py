@@ -483,6 +483,65 @@ def test_collated_batch_masks_the_prompt_and_trains_one_eos(tiny_base: Path, tmp
         check_collation(trainer, tok)
 
 
+def test_trainer_clips_the_trainable_gradients_and_counts_flops_as_transformers(
+    tiny_base: Path, tmp_path: Path
+) -> None:
+    """The Trainer's per-step bookkeeping, taken out of its module walks (figure 1b), does the same
+    work: the gradients the optimizer steps with are clipped to `max_grad_norm` (the logged norm is
+    the one before clipping), and the FLOPs counted are transformers' own count."""
+    import torch
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM, TrainerCallback
+    from trl import SFTTrainer
+
+    from tasks.plumbing.device import DeviceCaps, plan_device
+    from tasks.plumbing.loading import load_tokenizer
+    from tasks.stages.train.data import prompt_completion
+    from tasks.stages.train.model import lora_config
+    from tasks.stages.train.trainer import sft_config, trainer_class
+
+    _write_split(tmp_path)
+    max_norm = 1e-3  # far below the gradients' norm: every step clips
+    cfg = load_config(
+        overrides=_overrides(tmp_path, tiny_base, "train.max_steps=3", f"train.max_grad_norm={max_norm}")
+    )
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_base), lora_config(cfg.lora))
+    rows = [json.loads(line) for line in (tmp_path / "data" / "train.jsonl").read_text().splitlines()]
+    plan = plan_device(DeviceCaps(backend="cpu", torch_version=torch.__version__))
+    args = sft_config(cfg, plan, tmp_path / "ckpt", world=1, cpu_count=1)
+    args.logging_steps = 1
+    stepped: list[tuple[float, bool]] = []
+
+    class Norms(TrainerCallback):
+        def on_pre_optimizer_step(self, a: Any, state: Any, control: Any, **kw: Any) -> None:
+            grads = [p.grad for p in model.parameters() if p.grad is not None]
+            frozen_grads = any(p.grad is not None for p in model.parameters() if not p.requires_grad)
+            stepped.append(
+                (float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))), frozen_grads)
+            )
+
+    trainer = trainer_class()(
+        model=model,
+        args=args,
+        train_dataset=prompt_completion(rows),
+        processing_class=load_tokenizer(cfg, padding_side="right"),
+        group_by_length=True,
+        plain_loss=True,
+        callbacks=[Norms()],
+    )
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+    expected_flops = SFTTrainer.floating_point_ops(trainer, batch)
+    assert expected_flops > 0
+    assert trainer.floating_point_ops(batch) == trainer.floating_point_ops(batch) == expected_flops
+    trainer.train()
+    logged = [h["grad_norm"] for h in trainer.state.log_history if "grad_norm" in h]
+    assert len(stepped) == len(logged) == 3
+    for (clipped, frozen_grads), before in zip(stepped, logged, strict=True):
+        assert before > 10 * max_norm  # the norm before clipping, as transformers logs it
+        assert clipped == pytest.approx(max_norm, rel=1e-3)
+        assert not frozen_grads
+
+
 def test_length_grouped_sampler_is_seeded_complete_and_process_invariant() -> None:
     from tasks.stages.train.data import EpochSampler
 
