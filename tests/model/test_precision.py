@@ -144,3 +144,32 @@ def test_the_train_stage_measures_both_precisions_on_a_bf16_device(
     assert precision_verdict(cfg, layout, base, info, dataclasses.replace(caps, bf16_forced=True)) is None
     too_small = dataclasses.replace(caps, gpu_memory_bytes=(4 * info["total_params"],))  # fp32 weights > half
     assert precision_verdict(cfg, layout, base, info, too_small) is None
+
+
+def _summary(verdict: str | None, backend: str = "cpu") -> dict:
+    measured = {"precision": verdict, "rates": {"fp32": 1.0, "bf16": 0.5}} if verdict else None
+    return {"precision": verdict or "bf16", "precision_verdict": measured, "device": {"backend": backend}}
+
+
+@pytest.mark.parametrize(
+    ("native", "precision", "trained", "expected"),
+    [
+        ("1", "auto", _summary("fp32"), "float32"),  # measured fp32 faster here: scored as it trained
+        ("1", "auto", _summary("bf16"), "bfloat16"),
+        ("1", "auto", None, "bfloat16"),  # no train summary: the device plan's rule
+        ("1", "auto", _summary("fp32", backend="rocm"), "bfloat16"),  # trained on a GPU node: the rule here
+        ("0", "auto", _summary(None), "float32"),  # nothing measured without native bf16
+        ("1", "fp32", _summary(None), "float32"),  # explicit precisions are obeyed
+        ("0", "bf16", _summary(None), "bfloat16"),
+    ],
+)
+def test_evaluation_scores_in_the_precision_the_candidate_trained_in(
+    monkeypatch: pytest.MonkeyPatch, native: str, precision: str, trained: dict | None, expected: str
+) -> None:
+    from tasks.core.config import load_config
+    from tasks.plumbing.device import CPU_BF16_ENV
+    from tasks.stages.evaluate.scoring import plan_eval_device
+
+    monkeypatch.setenv(CPU_BF16_ENV, native)  # the capability faked: what an AMX CPU reports, or not
+    cfg = load_config(overrides=[("runtime.device", "cpu"), ("train.precision", precision)])
+    assert plan_eval_device(cfg, trained) == ("cpu", expected)

@@ -43,16 +43,29 @@ class ModelSpec:
     pinned: bool = True
 
 
-def plan_eval_device(cfg: Config) -> tuple[str, str]:
-    """(device, torch dtype name) the models are scored with, from the same device plan as training.
+def plan_eval_device(cfg: Config, trained: Mapping[str, Any] | None = None) -> tuple[str, str]:
+    """(device, torch dtype name) the models are scored with: the precision the candidate trained in.
 
-    Evaluate in the precision the model trains in where the hardware has it (bf16 on MI300X), fp32 on
-    CPU; fp16 only when asked.
+    The device plan's rule (bf16 where the hardware has it natively, else fp32; fp16 only when asked),
+    except where `train.precision: auto` was measured on this kind of device: then the measured choice
+    from the train summary, so that a candidate trained in fp32 because fp32 measured faster (the tiny
+    base on an AMX CPU) is not scored in bf16. A summary from another kind of device (trained on a GPU
+    node, evaluated on a CPU worker) does not decide here.
+
+    Args:
+        cfg: the pipeline configuration.
+        trained: the run's train summary (train_summary.json), or None when there is none.
     """
     from tasks.plumbing.device import detect_capabilities, plan_device
 
-    plan = plan_device(detect_capabilities(cfg.runtime.device), precision=cfg.train.precision)
-    return plan.device, {"bf16": "bfloat16", "fp16": "float16"}.get(plan.precision, "float32")
+    caps = detect_capabilities(cfg.runtime.device)
+    plan = plan_device(caps, precision=cfg.train.precision)
+    precision = plan.precision
+    verdict = (trained or {}).get("precision_verdict")
+    same_kind = ((trained or {}).get("device") or {}).get("backend") == caps.backend
+    if cfg.train.precision == "auto" and verdict and same_kind:
+        precision = verdict["precision"]
+    return plan.device, {"bf16": "bfloat16", "fp16": "float16"}.get(precision, "float32")
 
 
 def score_model(

@@ -110,6 +110,19 @@ def _read_inputs(cfg: Config, layout: RunLayout) -> list[dict[str, str]]:
     return rows
 
 
+def _train_summary(layout: RunLayout) -> dict[str, Any] | None:
+    """The run's train summary (its precision verdict decides the scoring precision), or None."""
+    try:
+        return read_json(layout.train_summary)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        log.warning(
+            "%s: unreadable (%s); scoring precision from the device plan's rule", layout.train_summary, exc
+        )
+        return None
+
+
 def _cache_root(cfg: Config) -> Path | None:
     return cfg.resolve(cfg.eval.cache_dir) if cfg.eval.cache_dir else None
 
@@ -139,7 +152,8 @@ def _evaluate(
     timings: dict[str, float] = {}
     cache_state: dict[str, str] = {}
     results: dict[str, list[dict[str, Any]] | None] = dict.fromkeys(MODELS)
-    device, dtype = plan_eval_device(cfg)
+    device, dtype = plan_eval_device(cfg, _train_summary(layout))
+    log.info("scoring on %s in %s", device, dtype)
     for spec in specs:
         results[spec.role], cache_state[spec.role] = _reuse_or_score(cfg, spec, rows, device, dtype, timings)
 
