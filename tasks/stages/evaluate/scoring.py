@@ -59,13 +59,13 @@ def plan_eval_device(cfg: Config, trained: Mapping[str, Any] | None = None) -> t
     from tasks.plumbing.device import detect_capabilities, plan_device
 
     caps = detect_capabilities(cfg.runtime.device)
-    plan = plan_device(caps, precision=cfg.train.precision)
-    precision = plan.precision
-    verdict = (trained or {}).get("precision_verdict")
-    same_kind = ((trained or {}).get("device") or {}).get("backend") == caps.backend
-    if cfg.train.precision == "auto" and verdict and same_kind:
+    trained = trained or {}
+    verdict = trained.get("precision_verdict")
+    precision = cfg.train.precision  # as the train stage does: a measured verdict enters the plan as a choice
+    if precision == "auto" and verdict and (trained.get("device") or {}).get("backend") == caps.backend:
         precision = verdict["precision"]
-    return plan.device, {"bf16": "bfloat16", "fp16": "float16"}.get(precision, "float32")
+    plan = plan_device(caps, precision=precision)
+    return plan.device, {"bf16": "bfloat16", "fp16": "float16"}.get(plan.precision, "float32")
 
 
 def score_model(
