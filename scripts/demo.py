@@ -138,9 +138,6 @@ def show(run_dir: Path, questions: int = 3) -> None:
     from tasks.plumbing.tracking import setup_mlflow
 
     setup_mlflow(cfg)
-    # Loading prints MLflow's "Add type hints to the `predict` method" once: they are left off on purpose
-    # (tasks/plumbing/serving). No filter here can hide it: MLflow checks the class inside its own
-    # `filter_user_warnings_once`, which puts a "once" filter in front of every other while it runs.
     uri = f"models:/{cfg.register.model_name}@champion"
     try:
         model = mlflow.pyfunc.load_model(uri)  # what a downstream team does: no project code imported

@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +52,11 @@ def champion(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[
     built = build_champion(tmp_path_factory.mktemp("pyfunc"), tiny_base)
     mlflow.set_tracking_uri(built["tracking_uri"])
     built["uri"] = f"models:/{built['model_name']}@champion"
-    built["model"] = mlflow.pyfunc.load_model(built["uri"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        built["model"] = mlflow.pyfunc.load_model(built["uri"])
+    # A user loading the model sees no warning (MLflow's "Add type hints to the `predict` method" was one).
+    assert not [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
     return built
 
 

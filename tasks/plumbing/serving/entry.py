@@ -59,9 +59,11 @@ class QaLoraOnnxModel(PythonModel):
         limits = ServingLimits.from_dict(context.model_config)
         self.answerer = Answerer(context.artifacts[ONNX_ARTIFACT], limits=limits)
 
-    # No type hints here on purpose: MLflow would try to derive a signature from them (and warn); the
-    # signature is given explicitly when the model is saved.
-    def predict(self, context, model_input, params=None):
+    # `model_input` is annotated with a type MLflow derives no signature from (the signature is given
+    # explicitly when the model is saved); left bare, MLflow warns "Add type hints" at every load.
+    def predict(
+        self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None
+    ) -> pd.DataFrame:
         """Answers, one row per question, in an `answer` column.
 
         Raises:
