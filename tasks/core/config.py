@@ -96,7 +96,7 @@ class TinyBaseConfig(_Section):
     pretrain_steps: int = Field(600, ge=0)
     pretrain_batch_size: int = Field(8, ge=1)
     pretrain_seq_len: int = Field(128, ge=16)
-    pretrain_learning_rate: float = Field(2e-3, gt=0.0)
+    pretrain_learning_rate: float = Field(1e-3, gt=0.0)
     seed: int = 1234
 
 
