@@ -168,6 +168,7 @@ class TrainConfig(_Section):
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     gradient_checkpointing: Literal["auto"] | bool = "auto"
     attn_implementation: Literal["auto", "eager", "sdpa", "flash_attention_2"] = "auto"
+    kernels: Literal["auto", "none", "liger", "compile"] = "auto"  # auto: measured on GPUs, none on CPU
 
 
 # Per-row answer metrics that can be primary (higher is better); see tasks/metrics.py.
@@ -182,8 +183,7 @@ class EvalConfig(_Section):
     confidence: float = Field(0.95, gt=0.5, lt=1.0)
     seed: int = 0
     primary_metrics: tuple[RowMetric, ...] = Field(("token_f1", "rouge_l"), min_length=1)
-    # per-model results (base, champion, candidate) are cached here, keyed by model, data and settings
-    cache_dir: str | None = ".cache/qa-lora/eval"
+    cache_dir: str | None = ".cache/qa-lora/eval"  # per-model results, keyed by model, data and settings
 
 
 class GateConfig(_Section):

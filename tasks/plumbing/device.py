@@ -1,4 +1,4 @@
-"""Device detection and the per-device training plan (precision, checkpointing, attention).
+"""Device detection and the per-device training plan (precision, checkpointing, attention, kernels).
 
 Split in two so the decisions are testable without the hardware: :func:`detect_capabilities` reads
 torch, :func:`plan_device` decides from a :class:`DeviceCaps` alone. Nothing here is left to library
@@ -43,6 +43,7 @@ class DeviceCaps:
     bf16_native: bool = False  # hardware bf16 matmuls (MI300X, Ampere+, CPUs with AMX/avx512_bf16)
     fp16_native: bool = False
     flash_attn_installed: bool = False
+    liger_installed: bool = False  # the liger-kernel package (Triton kernels: GPUs only)
     cpu_count: int = 1
     cpu_flags: tuple[str, ...] = ()
     bf16_forced: bool | None = None  # set when QA_LORA_CPU_BF16 overrode the detected bf16_native
@@ -57,6 +58,7 @@ class DevicePlan:
     precision: Literal["bf16", "fp16", "fp32"]
     gradient_checkpointing: bool
     attn_implementation: str
+    kernels: Literal["none", "liger", "compile"] = "none"
     env: dict[str, str] = field(default_factory=dict)
     reasons: tuple[str, ...] = ()
 
@@ -100,6 +102,7 @@ def detect_capabilities(requested: Literal["auto", "cpu", "cuda"] = "auto") -> D
         hip_version=hip,
         cuda_version=torch.version.cuda,
         flash_attn_installed=importlib.util.find_spec("flash_attn") is not None,
+        liger_installed=importlib.util.find_spec("liger_kernel") is not None,
         cpu_count=os.cpu_count() or 1,
         cpu_flags=tuple(f for f in flags if f in {"avx512_bf16", "amx_bf16", "avx512f", "avx2"}),
     )
@@ -179,8 +182,9 @@ def plan_device(
     gradient_checkpointing: str | bool = "auto",
     attn_implementation: str = "auto",
     train_bytes_estimate: int | None = None,
+    kernels: str = "none",
 ) -> DevicePlan:
-    """Decide precision, checkpointing and attention for `caps`.
+    """Decide precision, checkpointing, attention and kernels for `caps`.
 
     Args:
         caps: the machine (real or faked in tests).
@@ -191,6 +195,8 @@ def plan_device(
         attn_implementation: `train.attn_implementation`; "auto" uses flash-attention 2 where it is
             installed on a GPU, otherwise PyTorch SDPA (AOTriton on ROCm).
         train_bytes_estimate: estimated peak training memory per device, if known.
+        kernels: `train.kernels`; "auto" is "none" by this rule (the train stage measures the options
+            on GPUs and puts its verdict in the plan); "liger" needs a GPU and the liger-kernel package.
 
     Returns:
         The plan with a reason for every decision.
@@ -200,6 +206,7 @@ def plan_device(
     chosen = _choose_precision(caps, precision, reasons)
     gc = _choose_checkpointing(caps, gradient_checkpointing, train_bytes_estimate, reasons)
     attn = _choose_attention(caps, attn_implementation, reasons)
+    fused = _choose_kernels(caps, kernels, reasons)
     env: dict[str, str] = {}
     if caps.backend == "rocm":
         env = {k: v for k, v in ROCM_ENV.items() if k not in os.environ}
@@ -212,6 +219,7 @@ def plan_device(
         precision=chosen,  # type: ignore[arg-type]
         gradient_checkpointing=gc,
         attn_implementation=attn,
+        kernels=fused,  # type: ignore[arg-type]
         env=env,
         reasons=tuple(reasons),
     )
@@ -271,6 +279,29 @@ def _choose_attention(caps: DeviceCaps, requested: str, reasons: list[str]) -> s
             "use sdpa or auto"
         )
     reasons.append(f"attn_implementation={requested}: requested")
+    return requested
+
+
+def _choose_kernels(caps: DeviceCaps, requested: str, reasons: list[str]) -> str:
+    on_gpu = caps.backend in ("rocm", "cuda")
+    if requested == "auto":
+        why = (
+            "not measured here (the train stage measures none, liger and compile on the model)"
+            if on_gpu
+            # Measured 2026-12-03 (tiny base, 2 cores): compiled steps ran ~1.2x faster on one shape, but
+            # unpadded CPU batches vary in length and each new one recompiles: 300 steps 242 s vs 78 s eager.
+            else "Liger's kernels are Triton (GPUs only); torch.compile recompiles for every new batch length"
+        )
+        reasons.append(f"kernels=none: auto on {caps.backend}, {why}")
+        return "none"
+    if requested == "liger" and not (on_gpu and caps.liger_installed):
+        from tasks.core.errors import UserError
+
+        raise UserError(
+            "train.kernels: liger needs a GPU and the liger-kernel package (pip install liger-kernel, "
+            "on the GPU node); use auto, compile or none"
+        )
+    reasons.append(f"kernels={requested}: requested")
     return requested
 
 

@@ -113,19 +113,19 @@ def _dispatch(args: argparse.Namespace) -> Any:
 
 
 def _info(cfg: Any) -> dict[str, Any]:
-    """The device report, the precision verdicts measured on this machine, and the ONNX Runtime build."""
+    """The device report, the precision and kernels verdicts measured on this machine, and the ONNX
+    Runtime build."""
     from tasks.plumbing.device import describe_device
     from tasks.plumbing.ort_runtime import describe_runtime
-    from tasks.plumbing.precision import cached_verdicts
+    from tasks.plumbing.verdicts import cached_verdicts
     from tasks.stages.train.probe import cache_file
 
-    cache = cache_file()
-    verdicts = {"cache": str(cache), "measured": cached_verdicts(cache)}
-    return {
-        **describe_device(cfg.runtime.device),
-        "precision_verdicts": verdicts,
-        "onnxruntime": describe_runtime(),
+    verdicts = {
+        f"{setting}_verdicts": {"cache": str(cache), "measured": cached_verdicts(cache)}
+        for setting in ("precision", "kernels")
+        for cache in [cache_file(setting)]
     }
+    return {**describe_device(cfg.runtime.device), **verdicts, "onnxruntime": describe_runtime()}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

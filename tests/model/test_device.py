@@ -148,7 +148,7 @@ def test_rocm_environment_only_on_rocm(monkeypatch: pytest.MonkeyPatch) -> None:
             "mi300x",
             1,
             "ddp",
-            dict(use_cpu=False, bf16=True, fp16=False, pad_to_multiple_of=8, dataloader_pin_memory=True),
+            dict(use_cpu=False, bf16=True, fp16=False, pad_to_multiple_of=64, dataloader_pin_memory=True),
         ),
         (
             "mi300x",

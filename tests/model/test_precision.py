@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.plumbing.precision import cache_key, candidates, choose_precision, decide
+from tasks.plumbing.verdicts import PRECISIONS, cache_key, choose, decide, precision_candidates
 
 MACHINE = {"backend": "cpu", "cpu_flags": ["amx_bf16", "avx512_bf16"], "cpu_count": 2, "torch": "2.13.0"}
 MODEL = {"model_type": "llama", "layers": 4, "hidden": 256, "vocab": 8192, "lora_r": 8}
@@ -23,7 +23,7 @@ MODEL = {"model_type": "llama", "layers": 4, "hidden": 256, "vocab": 8192, "lora
     ],
 )
 def test_the_faster_precision_wins_and_ties_go_to_the_higher(rates: dict[str, float], expected: str) -> None:
-    chosen, reason = decide(rates)
+    chosen, reason = decide("precision", rates, PRECISIONS)
     assert chosen == expected
     assert reason.startswith(f"precision={expected}:") and "tokens/s" in reason
 
@@ -31,12 +31,12 @@ def test_the_faster_precision_wins_and_ties_go_to_the_higher(rates: dict[str, fl
 @pytest.mark.parametrize("rates", [{}, {"fp16": 1.0}, {"fp32": 0.0}, {"fp32": float("nan")}])
 def test_a_bad_measurement_is_refused(rates: dict[str, float]) -> None:
     with pytest.raises(ValueError, match="decide"):
-        decide(rates)
+        decide("precision", rates, PRECISIONS)
 
 
 def test_only_native_precisions_are_candidates() -> None:
-    assert candidates(bf16_native=True) == ("fp32", "bf16")
-    assert candidates(bf16_native=False) == ("fp32",)
+    assert precision_candidates(bf16_native=True) == ("fp32", "bf16")
+    assert precision_candidates(bf16_native=False) == ("fp32",)
 
 
 def test_the_verdict_is_measured_once_per_key_and_cached(tmp_path: Path) -> None:
@@ -48,27 +48,31 @@ def test_the_verdict_is_measured_once_per_key_and_cached(tmp_path: Path) -> None
         return {"fp32": 9_000.0, "bf16": 12_000.0}[precision]
 
     key = cache_key(MACHINE, MODEL, (8, 128))
-    first = choose_precision(True, measure, key=key, cache_file=cache)
-    assert (first.precision, first.cached, sorted(calls)) == ("bf16", False, ["bf16", "fp32"])
+    first = choose("precision", PRECISIONS, measure, key=key, cache_file=cache)
+    assert (first.choice, first.cached, sorted(calls)) == ("bf16", False, ["bf16", "fp32"])
     assert first.rates == {"fp32": 9_000.0, "bf16": 12_000.0}
 
-    again = choose_precision(True, measure, key=key, cache_file=cache)
-    assert (again.precision, again.cached, again.rates) == ("bf16", True, first.rates)
+    again = choose("precision", PRECISIONS, measure, key=key, cache_file=cache)
+    assert (again.choice, again.cached, again.rates) == ("bf16", True, first.rates)
     assert len(calls) == 2  # no new measurement
 
-    other = choose_precision(True, measure, key=cache_key(MACHINE, MODEL, (16, 128)), cache_file=cache)
+    other = choose(
+        "precision", PRECISIONS, measure, key=cache_key(MACHINE, MODEL, (16, 128)), cache_file=cache
+    )
     assert not other.cached and len(calls) == 4  # another batch shape is measured on its own
 
     cache.write_text("{not json")  # a damaged cache is measured again, never trusted
-    assert not choose_precision(True, measure, key=key, cache_file=cache).cached
+    assert not choose("precision", PRECISIONS, measure, key=key, cache_file=cache).cached
 
 
 def test_without_native_bf16_nothing_is_measured(tmp_path: Path) -> None:
     def measure(precision: str) -> float:
         raise AssertionError("measured although fp32 is the only candidate")
 
-    verdict = choose_precision(False, measure, key="k", cache_file=tmp_path / "c.json")
-    assert verdict.precision == "fp32" and verdict.rates == {}
+    verdict = choose(
+        "precision", precision_candidates(False), measure, key="k", cache_file=tmp_path / "c.json"
+    )
+    assert verdict.choice == "fp32" and verdict.rates == {}
     assert not (tmp_path / "c.json").exists()
 
 
@@ -112,13 +116,13 @@ def test_the_train_stage_measures_both_precisions_on_a_bf16_device(
     verdict = precision_verdict(cfg, layout, base, info, caps)
     assert verdict is not None and not verdict.cached
     assert set(verdict.rates) == {"fp32", "bf16"} and all(r > 0 for r in verdict.rates.values())
-    assert verdict.precision in verdict.rates
-    plan = apply_verdict(plan_device(caps, verdict.precision), verdict)
-    assert plan.reasons[0] == verdict.reason and plan.precision == verdict.precision
+    assert verdict.choice in verdict.rates
+    plan = apply_verdict(plan_device(caps, verdict.choice), verdict)
+    assert plan.reasons[0] == verdict.reason and plan.precision == verdict.choice
     assert verdict.key in json.loads(cache_file().read_text())
 
     again = precision_verdict(cfg, layout, base, info, caps)
-    assert again is not None and again.cached and again.precision == verdict.precision
+    assert again is not None and again.cached and again.choice == verdict.choice
     # `qa-lora info` prints what was measured on this machine, with the verdict and its reason
     import os
     import subprocess
@@ -147,7 +151,7 @@ def test_the_train_stage_measures_both_precisions_on_a_bf16_device(
 
 
 def _summary(verdict: str | None, backend: str = "cpu") -> dict:
-    measured = {"precision": verdict, "rates": {"fp32": 1.0, "bf16": 0.5}} if verdict else None
+    measured = {"choice": verdict, "rates": {"fp32": 1.0, "bf16": 0.5}} if verdict else None
     return {"precision": verdict or "bf16", "precision_verdict": measured, "device": {"backend": backend}}
 
 

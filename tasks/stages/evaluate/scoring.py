@@ -63,7 +63,7 @@ def plan_eval_device(cfg: Config, trained: Mapping[str, Any] | None = None) -> t
     verdict = trained.get("precision_verdict")
     precision = cfg.train.precision  # as the train stage does: a measured verdict enters the plan as a choice
     if precision == "auto" and verdict and (trained.get("device") or {}).get("backend") == caps.backend:
-        precision = verdict["precision"]
+        precision = verdict.get("choice") or precision
     plan = plan_device(caps, precision=precision)
     return plan.device, {"bf16": "bfloat16", "fp16": "float16"}.get(plan.precision, "float32")
 

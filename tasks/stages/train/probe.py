@@ -1,5 +1,7 @@
-"""`train.precision: auto` by measurement: a few forward+backward steps of the actual model in each
-precision the device supports natively (tasks.plumbing.precision decides and caches the verdict).
+"""`train.precision: auto` and `train.kernels: auto` by measurement: a few forward+backward steps of the
+actual model with each option the device offers (tasks.plumbing.verdicts decides and caches the verdict).
+
+Precision:
 
 * Explicit `fp32`/`bf16`/`fp16`: obeyed, nothing measured.
 * No native bf16: fp32 (the device plan's rule), nothing measured.
@@ -12,6 +14,15 @@ precision the device supports natively (tasks.plumbing.precision decides and cac
   bf16, and the faster wins (ties to fp32). The verdict is cached per (machine, model shape, batch shape) in
   `$QA_LORA_CACHE_DIR/precision.json` (default ~/.cache/qa-lora): torchrun workers and later runs on
   the same machine reuse it, so every rank trains in the same precision.
+
+Kernels (after the precision is known; they are measured in it):
+* Explicit `none`/`liger`/`compile`: obeyed (the device plan refuses liger without a GPU and the package).
+* CPU: none (the device plan's rule), nothing measured.
+* A model too big to probe on one device: none, not measured.
+* Otherwise (a GPU, auto): the same probe with the model as is, patched by Liger (where liger-kernel is
+  installed) and under torch.compile; the fastest wins, ties to none. Cached in `kernels.json` beside the
+  precision verdicts. The rate is the steady state on one shape (the warm-up step pays the compile); the
+  Trainer pads to coarse lengths on GPUs (trainer.py), so a run meets few new shapes.
 """
 
 from __future__ import annotations
@@ -29,8 +40,8 @@ from tasks.core.config import Config
 from tasks.core.layout import RunLayout
 from tasks.plumbing.dataio import read_split
 from tasks.plumbing.loading import BaseRef, load_tokenizer
-from tasks.plumbing.precision import Verdict, cache_key, choose_precision
 from tasks.plumbing.prompting import format_completion, format_prompt
+from tasks.plumbing.verdicts import Verdict, cache_key, choose, kernel_candidates, precision_candidates
 from tasks.stages.train.model import load_model, lora_config
 
 log = logging.getLogger("qa_lora.train")
@@ -39,10 +50,10 @@ PROBE_STEPS = 3  # timed steps per precision, after one warm-up step (first-shap
 SAMPLE_ROWS = 512  # rows whose templated length gives the probe's sequence length
 
 
-def cache_file() -> Path:
-    """Where verdicts are cached: $QA_LORA_CACHE_DIR/precision.json (default ~/.cache/qa-lora)."""
+def cache_file(setting: str = "precision") -> Path:
+    """Where verdicts are cached: $QA_LORA_CACHE_DIR/<setting>.json (default ~/.cache/qa-lora)."""
     root = os.environ.get("QA_LORA_CACHE_DIR") or str(Path.home() / ".cache" / "qa-lora")
-    return Path(root) / "precision.json"
+    return Path(root) / f"{setting}.json"
 
 
 def precision_verdict(
@@ -55,6 +66,55 @@ def precision_verdict(
     if not _probe_fits(cfg, info, caps):
         log.info("precision: auto not measured (the model is too big to probe on one device)")
         return None
+    batch_shape, machine, model_shape, about = _probe_facts(cfg, layout, info, caps)
+    verdict = choose(
+        "precision",
+        precision_candidates(caps.bf16_native),
+        lambda precision: measure_rate(cfg, base, caps, precision, batch_shape),
+        key=cache_key(machine, model_shape, batch_shape),
+        cache_file=cache_file("precision"),
+        about=about,
+    )
+    log.info("precision verdict%s: %s", " (cached)" if verdict.cached else "", verdict.reason)
+    return verdict
+
+
+def kernels_verdict(
+    cfg: Config, layout: RunLayout, base: BaseRef, info: dict[str, Any], caps: Any, precision: str
+) -> Verdict | None:
+    """The measured kernels for `train.kernels: auto` on a GPU, in the chosen `precision`, else None
+    (explicit kernels, a CPU, or a model too big to probe: the device plan's rule decides)."""
+    if cfg.train.kernels != "auto" or caps.backend == "cpu":
+        return None
+    if not _probe_fits(cfg, info, caps):
+        log.info("kernels: auto not measured (the model is too big to probe on one device)")
+        return None
+    batch_shape, machine, model_shape, about = _probe_facts(cfg, layout, info, caps)
+    verdict = choose(
+        "kernels",
+        kernel_candidates(caps.liger_installed),
+        lambda kernels: measure_rate(cfg, base, caps, precision, batch_shape, kernels),
+        key=cache_key(machine, {**model_shape, "precision": precision}, batch_shape),
+        cache_file=cache_file("kernels"),
+        about={**about, "precision": precision},
+    )
+    log.info("kernels verdict%s: %s", " (cached)" if verdict.cached else "", verdict.reason)
+    return verdict
+
+
+def apply_verdict(plan: Any, verdict: Verdict | None) -> Any:
+    """The plan with the verdict's choice and its reason in place of the rule's (precision or kernels)."""
+    if verdict is None:
+        return plan
+    prefix = f"{verdict.setting}="
+    reasons = tuple(verdict.reason if r.startswith(prefix) else r for r in plan.reasons)
+    return dataclasses.replace(plan, **{verdict.setting: verdict.choice}, reasons=reasons)
+
+
+def _probe_facts(
+    cfg: Config, layout: RunLayout, info: dict[str, Any], caps: Any
+) -> tuple[tuple[int, int], dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """The batch shape to probe, and the machine and model facts a verdict is cached by, and its words."""
     batch_shape = (cfg.train.per_device_train_batch_size, _probe_length(cfg, layout))
     machine = {
         "backend": caps.backend,
@@ -69,34 +129,21 @@ def precision_verdict(
         "lora": cfg.lora.model_dump(mode="json"),
         "attn": cfg.train.attn_implementation,
     }
-    verdict = choose_precision(
-        caps.bf16_native,
-        lambda precision: measure_rate(cfg, base, caps, precision, batch_shape),
-        key=cache_key(machine, model_shape, batch_shape),
-        cache_file=cache_file(),
-        about={
-            "model": f"{info.get('model_type')} {info.get('total_params')} params, LoRA r={cfg.lora.r}",
-            "batch": f"{batch_shape[0]} x {batch_shape[1]} tokens",
-            "device": caps.gpu_names[0]
-            if caps.gpu_names
-            else f"cpu ({', '.join(caps.cpu_flags) or 'no bf16/amx flags'})",
-        },
-    )
-    log.info("precision verdict%s: %s", " (cached)" if verdict.cached else "", verdict.reason)
-    return verdict
-
-
-def apply_verdict(plan: Any, verdict: Verdict | None) -> Any:
-    """The plan with the verdict's reason in place of the precision reason (always the first)."""
-    if verdict is None:
-        return plan
-    return dataclasses.replace(plan, reasons=(verdict.reason, *plan.reasons[1:]))
+    about = {
+        "model": f"{info.get('model_type')} {info.get('total_params')} params, LoRA r={cfg.lora.r}",
+        "batch": f"{batch_shape[0]} x {batch_shape[1]} tokens",
+        "device": caps.gpu_names[0]
+        if caps.gpu_names
+        else f"cpu ({', '.join(caps.cpu_flags) or 'no bf16/amx flags'})",
+    }
+    return batch_shape, machine, model_shape, about
 
 
 def measure_rate(
-    cfg: Config, base: BaseRef, caps: Any, precision: str, batch_shape: tuple[int, int]
+    cfg: Config, base: BaseRef, caps: Any, precision: str, batch_shape: tuple[int, int], kernels: str = "none"
 ) -> float:
-    """Tokens/s of LoRA training steps (forward, backward, AdamW) of the base in `precision`."""
+    """Tokens/s of LoRA training steps (forward, backward, AdamW) of the base in `precision`, with the
+    model patched by Liger's kernels (`kernels="liger"`) or run under torch.compile (`"compile"`)."""
     import torch
     from peft import get_peft_model
 
@@ -107,8 +154,13 @@ def measure_rate(
     model.config.use_cache = False
     torch.manual_seed(cfg.train.seed)
     model = get_peft_model(model, lora_config(cfg.lora))
+    if kernels == "liger":
+        from transformers.integrations.liger import apply_liger_kernel
+
+        apply_liger_kernel(model, {})  # what the Trainer does with use_liger_kernel=True
+    forward = torch.compile(model) if kernels == "compile" else model
     try:
-        return _steps_per_second(model, precision, batch_shape) * batch_shape[0] * batch_shape[1]
+        return _steps_per_second(model, forward, precision, batch_shape) * batch_shape[0] * batch_shape[1]
     finally:
         device = next(model.parameters()).device
         del model
@@ -117,8 +169,9 @@ def measure_rate(
             torch.cuda.empty_cache()
 
 
-def _steps_per_second(model: Any, precision: str, batch_shape: tuple[int, int]) -> float:
-    """Optimizer steps per second on one random batch, after one warm-up step (first-shape costs)."""
+def _steps_per_second(model: Any, forward: Any, precision: str, batch_shape: tuple[int, int]) -> float:
+    """Optimizer steps per second on one random batch, after one warm-up step (first-shape costs and
+    the compile); `forward` is the model or its compiled wrapper."""
     import torch
 
     model.train()
@@ -128,7 +181,7 @@ def _steps_per_second(model: Any, precision: str, batch_shape: tuple[int, int]) 
 
     def step() -> None:
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-            loss = model(input_ids=ids, labels=ids).loss
+            loss = forward(input_ids=ids, labels=ids).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -30,7 +30,7 @@ from tasks.stages.train.checkpoints import (
 )
 from tasks.stages.train.data import check_collation, prompt_completion
 from tasks.stages.train.model import inspect_base, load_model, lora_config
-from tasks.stages.train.probe import apply_verdict, precision_verdict
+from tasks.stages.train.probe import apply_verdict, kernels_verdict, precision_verdict
 from tasks.stages.train.reporting import fail_mlflow_run, make_reporter, mlflow_params, start_mlflow_run
 from tasks.stages.train.session import Context, DeviceChoice, Fit, Inputs, Outcome
 from tasks.stages.train.summary import build_summary, write_outputs
@@ -94,9 +94,10 @@ def open_context(cfg: Config, run_dir: Path, base: BaseRef | None, info: dict[st
 
 
 def plan_training(ctx: Context) -> DeviceChoice:
-    """The device plan for this machine and model (precision, checkpointing, attention), applied.
+    """The device plan for this machine and model (precision, checkpointing, attention, kernels), applied.
 
-    `train.precision: auto` is measured where the device offers a choice (see probe.py).
+    `train.precision: auto` and `train.kernels: auto` are measured where the device offers a choice
+    (see probe.py).
     """
     import torch
 
@@ -120,8 +121,10 @@ def plan_training(ctx: Context) -> DeviceChoice:
         param_bytes=2 if half else 4,
         shards=ctx.world if t.distributed == "fsdp" else 1,
     )
-    plan = plan_device(caps, precision, t.gradient_checkpointing, t.attn_implementation, estimate)
+    plan = plan_device(caps, precision, t.gradient_checkpointing, t.attn_implementation, estimate, t.kernels)
     plan = apply_verdict(plan, verdict)
+    kernels = kernels_verdict(cfg, ctx.layout, ctx.base, info, caps, plan.precision)
+    plan = apply_verdict(plan, kernels)
     os.environ.update(plan.env)  # before the first GPU kernel runs
     for reason in plan.reasons:
         log.info("device plan: %s", reason)
@@ -133,7 +136,7 @@ def plan_training(ctx: Context) -> DeviceChoice:
         import datasets
 
         datasets.disable_progress_bars()
-    return DeviceChoice(caps=caps, plan=plan, estimate=estimate, verdict=verdict)
+    return DeviceChoice(caps=caps, plan=plan, estimate=estimate, verdict=verdict, kernels_verdict=kernels)
 
 
 def load_inputs(ctx: Context, device: DeviceChoice) -> Inputs:

@@ -41,7 +41,8 @@ class DeviceChoice:
     caps: Any  # tasks.plumbing.device.DeviceCaps
     plan: Any  # tasks.plumbing.device.DevicePlan
     estimate: int
-    verdict: Any = None  # tasks.plumbing.precision.Verdict of `precision: auto`; None when explicit
+    verdict: Any = None  # tasks.plumbing.verdicts.Verdict of `precision: auto`; None when not measured
+    kernels_verdict: Any = None  # the Verdict of `kernels: auto` (GPUs); None when not measured
 
 
 @dataclass(frozen=True)

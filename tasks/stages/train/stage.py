@@ -29,7 +29,7 @@ from tasks.plumbing.loading import BaseRef, resolve_base
 from tasks.stages.train.checkpoints import finished_summary, prepare_output, training_fingerprint
 from tasks.stages.train.distributed import launch_processes
 from tasks.stages.train.model import inspect_base
-from tasks.stages.train.probe import precision_verdict
+from tasks.stages.train.probe import kernels_verdict, precision_verdict
 from tasks.stages.train.process import train_process
 
 log = logging.getLogger("qa_lora.train")
@@ -90,7 +90,7 @@ def _train(
 ) -> dict[str, Any]:
     """One process here, or N through torchrun; returns rank 0's summary."""
     if cfg.train.num_processes > 1:
-        _measure_precision_once(cfg, layout, base, info)
+        _measure_once(cfg, layout, base, info)
         launch_processes(cfg, layout)
         return read_json(layout.train_summary)
     import torch
@@ -104,12 +104,15 @@ def _train(
     return summary
 
 
-def _measure_precision_once(cfg: Config, layout: RunLayout, base: BaseRef, info: dict[str, Any]) -> None:
-    """Measure `precision: auto` here, before torchrun: the workers then read the cached verdict, so
-    every rank trains in the same precision and the measurement is not run N times at once."""
-    from tasks.plumbing.device import detect_capabilities
+def _measure_once(cfg: Config, layout: RunLayout, base: BaseRef, info: dict[str, Any]) -> None:
+    """Measure `precision: auto` and `kernels: auto` here, before torchrun: the workers then read the
+    cached verdicts, so every rank trains alike and the measurement is not run N times at once."""
+    from tasks.plumbing.device import detect_capabilities, plan_device
 
-    precision_verdict(cfg, layout, base, info, detect_capabilities(cfg.runtime.device))
+    caps = detect_capabilities(cfg.runtime.device)
+    verdict = precision_verdict(cfg, layout, base, info, caps)
+    precision = plan_device(caps, verdict.choice if verdict else cfg.train.precision).precision
+    kernels_verdict(cfg, layout, base, info, caps, precision)
 
 
 def _result(summary: dict[str, Any], layout: RunLayout, status: str) -> dict[str, Any]:

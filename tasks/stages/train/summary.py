@@ -40,6 +40,7 @@ def build_summary(
         "plan": plan.to_dict(),
         "plan_reasons": list(plan.reasons),
         "precision_verdict": device.verdict.to_dict() if device.verdict else None,
+        "kernels_verdict": device.kernels_verdict.to_dict() if device.kernels_verdict else None,
         "train_memory_estimate_bytes": device.estimate,
         "processes": ctx.world,
         "distributed": t.distributed if ctx.world > 1 else None,

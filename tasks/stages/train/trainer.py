@@ -16,6 +16,8 @@ from typing import Any
 from tasks.core.config import Config
 from tasks.stages.train.data import EpochSampler
 
+GPU_PAD_MULTIPLE = 64  # at most max_length / 64 sequence lengths per run (4 at 256, 16 at 1024)
+
 
 def device_args(plan: Any, world: int, distributed: str, cpu_count: int) -> dict[str, Any]:
     """The SFTConfig fields that depend on the device plan.
@@ -40,7 +42,11 @@ def device_args(plan: Any, world: int, distributed: str, cpu_count: int) -> dict
         "activation_checkpointing_kwargs": {"use_reentrant": False} if plan.gradient_checkpointing else None,
         "ddp_backend": ("nccl" if on_gpu else "gloo") if world > 1 else None,  # nccl is RCCL on ROCm
         "ddp_find_unused_parameters": False,  # every LoRA parameter gets a gradient each step
-        "pad_to_multiple_of": 8 if on_gpu else None,  # tensor-core friendly shapes on GPUs; waste on CPU
+        # GPUs: coarse lengths, so a run meets few (batch, length) shapes (the first step on each new one
+        # cost about a step on an H100, and a recompile under torch.compile); on CPU padding is waste.
+        "pad_to_multiple_of": GPU_PAD_MULTIPLE if on_gpu else None,
+        "use_liger_kernel": plan.kernels == "liger",  # the Trainer patches the model with Liger's kernels
+        "torch_compile": plan.kernels == "compile",
         # Workers would compete with the compute threads on a small CPU; on a GPU node they hide
         # collation behind the GPU's work.
         "dataloader_num_workers": min(4, max(1, cpu_count // world - 1)) if on_gpu else 0,
