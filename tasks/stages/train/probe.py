@@ -33,6 +33,7 @@ import logging
 import os
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -63,20 +64,15 @@ def precision_verdict(
     (explicit precision, no native bf16, or a forced capability: the device plan's rule decides)."""
     if cfg.train.precision != "auto" or not caps.bf16_native or caps.bf16_forced is not None:
         return None
-    if not _probe_fits(cfg, info, caps):
-        log.info("precision: auto not measured (the model is too big to probe on one device)")
-        return None
-    batch_shape, machine, model_shape, about = _probe_facts(cfg, layout, info, caps)
-    verdict = choose(
+    return _measured_verdict(
         "precision",
         precision_candidates(caps.bf16_native),
-        lambda precision: measure_rate(cfg, base, caps, precision, batch_shape),
-        key=cache_key(machine, model_shape, batch_shape),
-        cache_file=cache_file("precision"),
-        about=about,
+        lambda precision, shape: measure_rate(cfg, base, caps, precision, shape),
+        cfg,
+        layout,
+        info,
+        caps,
     )
-    log.info("precision verdict%s: %s", " (cached)" if verdict.cached else "", verdict.reason)
-    return verdict
 
 
 def kernels_verdict(
@@ -86,19 +82,42 @@ def kernels_verdict(
     (explicit kernels, a CPU, or a model too big to probe: the device plan's rule decides)."""
     if cfg.train.kernels != "auto" or caps.backend == "cpu":
         return None
+    return _measured_verdict(
+        "kernels",
+        kernel_candidates(caps.liger_installed),
+        lambda kernels, shape: measure_rate(cfg, base, caps, precision, shape, kernels),
+        cfg,
+        layout,
+        info,
+        caps,
+        extra={"precision": precision},  # kernels are measured, and cached, per precision
+    )
+
+
+def _measured_verdict(
+    setting: str,
+    options: tuple[str, ...],
+    measure: Callable[[str, tuple[int, int]], float],
+    cfg: Config,
+    layout: RunLayout,
+    info: dict[str, Any],
+    caps: Any,
+    extra: dict[str, Any] | None = None,
+) -> Verdict | None:
+    """One setting's verdict from the cache or the probe (None when the model is too big to probe)."""
     if not _probe_fits(cfg, info, caps):
-        log.info("kernels: auto not measured (the model is too big to probe on one device)")
+        log.info("%s: auto not measured (the model is too big to probe on one device)", setting)
         return None
     batch_shape, machine, model_shape, about = _probe_facts(cfg, layout, info, caps)
     verdict = choose(
-        "kernels",
-        kernel_candidates(caps.liger_installed),
-        lambda kernels: measure_rate(cfg, base, caps, precision, batch_shape, kernels),
-        key=cache_key(machine, {**model_shape, "precision": precision}, batch_shape),
-        cache_file=cache_file("kernels"),
-        about={**about, "precision": precision},
+        setting,
+        options,
+        lambda option: measure(option, batch_shape),
+        key=cache_key(machine, {**model_shape, **(extra or {})}, batch_shape),
+        cache_file=cache_file(setting),
+        about={**about, **(extra or {})},
     )
-    log.info("kernels verdict%s: %s", " (cached)" if verdict.cached else "", verdict.reason)
+    log.info("%s verdict%s: %s", setting, " (cached)" if verdict.cached else "", verdict.reason)
     return verdict
 
 
