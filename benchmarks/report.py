@@ -44,8 +44,16 @@ def _bare_row(training: dict[str, Any], suffix: str) -> tuple[str, str, str, str
         0.9,
         f"{f1['stage_tokens_per_s']:.0f} vs {f1['bare_tokens_per_s']:.0f} tok/s (median blocks), both "
         f"in {_get(f1, 'stage', 'precision') or '?'} (the stage's choice); median "
-        f"of per-step ratios on the same batches (ratio of sums {_x(f1.get('stage_vs_bare_sums'))})",
+        f"of per-step ratios on the same batches (ratio of sums {_x(f1.get('stage_vs_bare_sums'))})"
+        + _warmed(f1),
     )
+
+
+def _warmed(f1: dict[str, Any]) -> str:
+    stage = f1.get("stage") or {}
+    if "shapes_warmed" not in stage:  # measured before new shapes were warmed (2026-12-03)
+        return ""
+    return f"; each of its {stage['shapes_warmed']} new shapes run once untimed by the bare loop first"
 
 
 def _generation_rows(f3: dict[str, Any], suffix: str) -> list[tuple[str, str, str, str, str]]:
