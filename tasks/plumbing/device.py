@@ -120,8 +120,9 @@ def detect_capabilities(requested: Literal["auto", "cpu", "cuda"] = "auto") -> D
     forced = cpu_bf16_override()
     return DeviceCaps(
         backend="cpu",
-        # avx512_bf16 only adds dot-product instructions; bf16 training on such CPUs measured slower
-        # than fp32 here. AMX tiles (Sapphire Rapids and later) are what make CPU bf16 pay off.
+        # AMX tiles (Sapphire Rapids and later) count as native. avx512_bf16 alone (Zen 4) does not: there
+        # the default train stage took 162 s in bf16 vs 133 s in fp32, and the bf16 model answered a
+        # little worse (benchmarks/RESULTS.md), although one shape's steps alone ran faster in bf16.
         bf16_native=("amx_bf16" in flags) if forced is None else forced,
         bf16_forced=forced,
         **common,
@@ -228,13 +229,20 @@ def plan_device(
 def _choose_precision(caps: DeviceCaps, precision: str, reasons: list[str]) -> str:
     on_gpu = caps.backend in ("rocm", "cuda")
     forced = f", forced by {CPU_BF16_ENV}={int(caps.bf16_forced)}" if caps.bf16_forced is not None else ""
+    zen4 = not caps.bf16_native and "avx512_bf16" in caps.cpu_flags and caps.bf16_forced is None
     if precision == "auto":
         chosen = "bf16" if caps.bf16_native else "fp32"
-        why = "native bf16" if caps.bf16_native else "no native bf16 (emulated bf16 is slower)"
+        slower = (
+            "avx512_bf16 but no AMX (bf16 trains slower)"
+            if zen4
+            else "no native bf16 (emulated bf16 is slower)"
+        )
+        why = "native bf16" if caps.bf16_native else slower
         reasons.append(f"precision={chosen}: auto on {caps.backend}, {why}{forced}")
         return chosen
     if precision == "bf16" and not caps.bf16_native:
-        reasons.append(f"precision=bf16: requested although this device emulates bf16 (slow){forced}")
+        how = "has avx512_bf16 but no AMX (auto: fp32)" if zen4 else "emulates bf16 (slow)"
+        reasons.append(f"precision=bf16: requested although this device {how}{forced}")
     elif precision == "fp16" and not on_gpu:
         from tasks.core.errors import UserError
 

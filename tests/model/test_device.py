@@ -84,6 +84,12 @@ def test_requested_precisions() -> None:
     assert plan_device(_caps("mi300x"), precision="fp32").precision == "fp32"
     slow = plan_device(_caps("cpu"), precision="bf16")
     assert slow.precision == "bf16" and any("emulates bf16" in r for r in slow.reasons)
+    zen4 = plan_device(_caps("cpu", cpu_flags=("avx2", "avx512f", "avx512_bf16")), precision="bf16")
+    assert zen4.precision == "bf16" and any("avx512_bf16 but no AMX" in r for r in zen4.reasons)
+    auto = plan_device(_caps("cpu", cpu_flags=("avx512_bf16",)))  # no AMX: fp32, and the log says why
+    assert auto.precision == "fp32" and any(
+        "avx512_bf16 but no AMX (bf16 trains slower)" in r for r in auto.reasons
+    )
     with pytest.raises(UserError, match="fp16 needs a GPU"):
         plan_device(_caps("cpu"), precision="fp16")
 
