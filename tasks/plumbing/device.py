@@ -121,7 +121,7 @@ def detect_capabilities(requested: Literal["auto", "cpu", "cuda"] = "auto") -> D
     return DeviceCaps(
         backend="cpu",
         # AMX tiles (Sapphire Rapids and later) count as native. avx512_bf16 alone (Zen 4) does not: there
-        # the default train stage took 162 s in bf16 vs 133 s in fp32, and the bf16 model answered a
+        # the default train stage took 162-165 s in bf16 vs 133-146 s in fp32, and the bf16 model answered a
         # little worse (benchmarks/RESULTS.md), although one shape's steps alone ran faster in bf16.
         bf16_native=("amx_bf16" in flags) if forced is None else forced,
         bf16_forced=forced,
