@@ -37,7 +37,8 @@ log = logging.getLogger("qa_lora.base")
 # Bump when a change here changes the built model (corpus, tokenizer, schedule...): cached builds
 # made by older code then no longer match and are rebuilt. 2: the corpus is the committed
 # data/base_corpus.jsonl, no longer the running interpreter's docs (which differ between Python builds).
-CODE_VERSION = "2"
+# 3: the tokenizer splits camel-case names into their words (tiny_corpus.train_tokenizer).
+CODE_VERSION = "3"
 META_FILE = "qa_lora_base.json"
 REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", META_FILE)
 

@@ -99,12 +99,21 @@ def train_tokenizer(texts: list[str], tiny: TinyBaseConfig) -> Any:
         A `PreTrainedTokenizerFast` with `<unk> <s> </s> <pad>` as ids 0..3, the template markers as
         single tokens, BOS added to every sequence, and the Llama-2 chat template.
     """
+    import tokenizers
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     special = [UNK, BOS, EOS, PAD]  # ids 0..3, in this order
     tok = Tokenizer(models.BPE(unk_token=UNK))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    # API names keep their words apart: `ArgumentTypeError` is pre-split into Argument / Type / Error (a
+    # capital after a lower-case letter starts a piece), so the `Error` of every exception name is one
+    # token the answers' "error" can be learnt from, instead of merges like `TypeError` that hide it.
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(tokenizers.Regex(r"(?<=[a-z])[A-Z][a-z]*"), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=tiny.vocab_size - 2,  # room for the two template markers added below

@@ -19,7 +19,8 @@ SMALL_RUN: dict[str, dict[str, Any]] = {
     # adapter alone left the gate close (CI low of candidate - base F1, fp32 seeds 0 / 1 / 2: +0.0185 /
     # +0.0118 / +0.0152; 200 steps or lr 6e-3 or all 7 linear layers: +0.018 on seed 1). Training the
     # embeddings as well, measured on an AVX2-only EPYC (benchmarks/RESULTS.md, #15 item 2): fp32
-    # +0.0546 / +0.0308 / +0.0294, bf16 +0.0522 / +0.0275 / +0.0309.
+    # +0.0546 / +0.0308 / +0.0294, bf16 +0.0522 / +0.0275 / +0.0309. With the camel-case tokenizer (base
+    # code 3; avx512_bf16 EPYC): fp32 +0.0286 / +0.0367 / +0.0388, bf16 +0.0235 / +0.0305 / +0.0405.
     "lora": {**SMALL_LORA, "modules_to_save": ["embed_tokens"]},
     "train": {"max_steps": 120, "save_steps": 60, "logging_steps": 20, "learning_rate": 0.004},
     "eval": {"max_rows": 80, "max_new_tokens": 32, "bootstrap_samples": 300},

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -163,3 +164,18 @@ def test_default_base_loads_and_follows_the_template(tiny_base: Path) -> None:
     # Pretraining worked: held-out perplexity is far below a uniform guess over the vocabulary.
     assert meta["heldout_perplexity"] < len(tok) / 20
     assert meta["parameters"] == sum(p.numel() for p in model.parameters())
+
+
+def test_tokenizer_keeps_the_words_of_api_names_apart(tiny_base: Path) -> None:
+    """`ArgumentTypeError` tokenizes as its words: no token spans a lower-case -> capital boundary, so the
+    `Error` that exception names share is a piece the answers' "error" can be learnt from."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_base)
+    for name in ("ArgumentTypeError", "getLogger", "argparse.ArgumentDefaultsHelpFormatter"):
+        pieces = [tok.convert_tokens_to_string([t]) for t in tok.tokenize(name)]
+        assert "".join(pieces) == name  # decodes back exactly
+        assert not any(re.search(r"[a-z][A-Z]", p) for p in pieces), (name, pieces)
+    assert tok.convert_tokens_to_string(tok.tokenize("TypeError")[-1:]) == "Error"
+    # Ordinary words keep their leading-space tokens.
+    assert tok.tokenize(" The cat") == tok.tokenize(" The") + tok.tokenize(" cat")
