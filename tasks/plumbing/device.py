@@ -229,19 +229,20 @@ def plan_device(
 def _choose_precision(caps: DeviceCaps, precision: str, reasons: list[str]) -> str:
     on_gpu = caps.backend in ("rocm", "cuda")
     forced = f", forced by {CPU_BF16_ENV}={int(caps.bf16_forced)}" if caps.bf16_forced is not None else ""
-    zen4 = not caps.bf16_native and "avx512_bf16" in caps.cpu_flags and caps.bf16_forced is None
+    # A CPU with avx512_bf16 but no AMX has bf16 instructions, yet trains slower in bf16 (not "emulated").
+    avx512_bf16_only = "avx512_bf16" in caps.cpu_flags and caps.bf16_forced is None
     if precision == "auto":
         chosen = "bf16" if caps.bf16_native else "fp32"
-        slower = (
-            "avx512_bf16 but no AMX (bf16 trains slower)"
-            if zen4
-            else "no native bf16 (emulated bf16 is slower)"
-        )
-        why = "native bf16" if caps.bf16_native else slower
+        if caps.bf16_native:
+            why = "native bf16"
+        elif avx512_bf16_only:
+            why = "avx512_bf16 but no AMX (bf16 trains slower)"
+        else:
+            why = "no native bf16 (emulated bf16 is slower)"
         reasons.append(f"precision={chosen}: auto on {caps.backend}, {why}{forced}")
         return chosen
     if precision == "bf16" and not caps.bf16_native:
-        how = "has avx512_bf16 but no AMX (auto: fp32)" if zen4 else "emulates bf16 (slow)"
+        how = "has avx512_bf16 but no AMX (auto: fp32)" if avx512_bf16_only else "emulates bf16 (slow)"
         reasons.append(f"precision=bf16: requested although this device {how}{forced}")
     elif precision == "fp16" and not on_gpu:
         from tasks.core.errors import UserError

@@ -109,13 +109,14 @@ def _measured_verdict(
         log.info("%s: auto not measured (the model is too big to probe on one device)", setting)
         return None
     batch_shape, machine, model_shape, about = _probe_facts(cfg, layout, info, caps)
+    extra = extra or {}
     verdict = choose(
         setting,
         options,
         lambda option: measure(option, batch_shape),
-        key=cache_key(machine, {**model_shape, **(extra or {})}, batch_shape),
+        key=cache_key(machine, {**model_shape, **extra}, batch_shape),
         cache_file=cache_file(setting),
-        about={**about, **(extra or {})},
+        about={**about, **extra},
     )
     log.info("%s verdict%s: %s", setting, " (cached)" if verdict.cached else "", verdict.reason)
     return verdict
