@@ -23,17 +23,16 @@ def run(tmp: Path, quick: bool, run_dir: Path | None = None) -> dict[str, Any]:
     import torch
 
     from tasks.plumbing.onnx_generate import load_onnx_generator
-    from tasks.plumbing.prompting import format_prompt
 
     run_dir, exported, export_s = export_run(tmp, run_dir)
 
     rows = [json.loads(line) for line in (run_dir / "data" / "eval.jsonl").read_text().splitlines()]
-    prompts = [format_prompt(r["question"]) for r in rows[:8]]
     max_new = 32 if quick else 48
     repeats = 2 if quick else 3
 
     ort_gen = load_onnx_generator(exported["onnx_dir"])
-    pt = _TorchGenerator(Path(exported["merged_dir"]), max_new)
+    prompts = [ort_gen.chat.prompt(r["question"]) for r in rows[:8]]
+    pt = _TorchGenerator(Path(exported["merged_dir"]), max_new, list(ort_gen.chat.stop_token_ids))
 
     out: dict[str, Any] = {
         "export_s": round(export_s, 1),
@@ -115,7 +114,7 @@ def _ort_tokens(gen: Any, prompts: list[str], max_new: int) -> list[list[int]]:
 class _TorchGenerator:
     """The merged model in PyTorch eager mode, fp32, with `generate` (its default dynamic KV cache)."""
 
-    def __init__(self, merged_dir: Path, max_new: int) -> None:
+    def __init__(self, merged_dir: Path, max_new: int, stops: list[int]) -> None:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -123,21 +122,22 @@ class _TorchGenerator:
         self.tokenizer.padding_side = "left"
         self.model = AutoModelForCausalLM.from_pretrained(str(merged_dir), dtype=torch.float32).eval()
         self.max_new = max_new
-        self.eos = self.tokenizer.eos_token_id
+        self.stops = stops
 
     def tokens(self, prompts: list[str]) -> list[list[int]]:
         import torch
 
-        enc = self.tokenizer(prompts, return_tensors="pt", padding=True)
+        enc = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
         with torch.inference_mode():
             out = self.model.generate(
                 **enc,
                 max_new_tokens=self.max_new,
                 do_sample=False,
-                eos_token_id=self.eos,
+                eos_token_id=self.stops,
                 pad_token_id=self.tokenizer.pad_token_id,
             )
         new = out[:, enc["input_ids"].shape[1] :].tolist()
-        rows = [row[: row.index(self.eos) + 1] if self.eos in row else row for row in new]
+        ends = [next((k for k, t in enumerate(row) if t in self.stops), None) for row in new]
+        rows = [row if at is None else row[: at + 1] for row, at in zip(new, ends, strict=True)]
         self.tokenizer.batch_decode(rows, skip_special_tokens=True)  # text out, as the ORT side does
         return rows

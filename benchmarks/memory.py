@@ -63,14 +63,17 @@ import torch, transformers, peft
 from pathlib import Path
 from tasks.core.config import load_config
 from tasks.stages.export import generation_config, merge_adapter
+from tasks.plumbing.chat import chat_format
 from tasks.plumbing.loading import load_tokenizer, resolve_base
 args = json.loads(os.environ["BENCH_ARGS"])
 cfg = load_config(None, [tuple(o) for o in args["overrides"]])
 adapter = Path(args["adapter"])
 base_src = resolve_base(cfg).ref
 tok = load_tokenizer(cfg, adapter, padding_side="left")
-enc = tok(["[INST] What is a list? [/INST]", "[INST] Why? [/INST]"], padding=True, return_tensors="pt")
-gen = generation_config(cfg, tok)
+chat = chat_format(cfg, tok)
+prompts = [chat.prompt("What is a list?"), chat.prompt("Why?")]
+enc = tok(prompts, padding=True, return_tensors="pt", add_special_tokens=False)
+gen = generation_config(cfg, tok, chat.stop_token_ids)
 base_rss = rss()
 reset_peak()
 merged, parity = merge_adapter(cfg, base_src, adapter, "cpu", enc["input_ids"], enc["attention_mask"], gen)

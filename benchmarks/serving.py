@@ -37,9 +37,11 @@ START_TIMEOUT_S = 300
 
 def run(tmp: Path, quick: bool, run_dir: Path | None = None) -> dict[str, Any]:
     """Serve the exported run both ways and time them; answers compared for every question."""
-    from tasks.plumbing.prompting import format_prompt
+    from tasks.plumbing.chat import ChatFrame
 
     run_dir, exported, _ = export_run(tmp, run_dir)
+    chat = ChatFrame.load(Path(exported["onnx_dir"]))
+    bos = chat.material["special_tokens"]["bos_token"][0] or ""  # the pipeline's tokenizer adds BOS itself
     rows = [json.loads(line) for line in (run_dir / "data" / "eval.jsonl").read_text().splitlines()]
     requests = 16 if quick else 48
     questions = [r["question"] for r in rows[:requests]]
@@ -53,7 +55,7 @@ def run(tmp: Path, quick: bool, run_dir: Path | None = None) -> dict[str, Any]:
         return _post(port, {**body, "params": {"max_new_tokens": max_new}})["predictions"][0]["answer"]
 
     def ask_hf(port: int, q: str) -> str:
-        return _post(port, {"inputs": [format_prompt(q)]})["predictions"][0]
+        return _post(port, {"inputs": [chat.prompt(q).removeprefix(bos)]})["predictions"][0]
 
     sides: dict[str, Callable[[int, str], str]] = {"pyfunc_onnx": ask_ours, "transformers": ask_hf}
     out: dict[str, Any] = {"requests": len(questions), "max_new_tokens": max_new, "repeats": repeats}

@@ -11,6 +11,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from tasks.plumbing.chat import ChatFormat, ChatFrame, fingerprint_of
+
 # Eval prompts of different lengths: the batch needs left padding.
 QUESTIONS = [
     "What does zip() return?",
@@ -34,6 +36,7 @@ def _run_dir(root: Path, base: Path) -> Path:
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), lora)
     model.save_pretrained(run / "train/adapter")
     tokenizer.save_pretrained(run / "train/adapter")
+    ChatFormat(tokenizer).frame().save(run / "train/adapter")  # what training records beside an adapter
     rows = [{"id": str(i), "question": q, "answer": "x", "category": "c"} for i, q in enumerate(QUESTIONS)]
     (run / "data/eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     gate = {
@@ -87,3 +90,9 @@ def build_champion(root: Path, base: Path, model_name: str = "qa-lora-serving") 
         "onnx_dir": Path(export["onnx_dir"]),
         "merged_dir": Path(export["merged_dir"]),
     }
+
+
+def stand_in_chat_format(directory: Path) -> None:
+    """A chat_format.json for a stand-in export (structure only; no tokenizer behind it)."""
+    material = {"template": "stand-in", "special_tokens": {"eos_token": ["</s>", 2]}}
+    ChatFrame("[INST] ", " [/INST]", (2,), "</s>", fingerprint_of(material), material).save(directory)

@@ -12,7 +12,7 @@ import hashlib
 import json
 import os
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,6 +20,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from tasks.core.errors import UserError
+from tasks.core.overrides import apply_overrides, read_params
 from tasks.core.redact import redact
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the checkout that holds this code
@@ -81,6 +82,11 @@ class DataConfig(_Section):
     near_duplicate_threshold: float = Field(0.9, gt=0.0, le=1.0)
     policies: DataPolicies = DataPolicies()
     dvc_remote: str = "dvc-remote"
+    system_prompt: str | None = Field(
+        None,
+        title="System prompt",
+        description="A system message for every row without one of its own (rendered by the base's chat template).",
+    )
 
 
 class TinyBaseConfig(_Section):
@@ -116,6 +122,16 @@ class BaseConfig(_Section):
     trust_remote_code: bool = False
     allow_pickle_weights: bool = False
     tiny: TinyBaseConfig = TinyBaseConfig()
+
+
+class PromptConfig(_Section):
+    """How rows become text: the base tokenizer's own chat template, or a built-in one by name."""
+
+    template: Literal["auto", "llama2", "llama3", "chatml", "mistral"] = Field(
+        "auto",
+        title="Chat template",
+        description="auto: the base tokenizer's own; a name: that built-in template (for a base without one).",
+    )
 
 
 class LoraSection(_Section):
@@ -305,6 +321,7 @@ warnings.filterwarnings("ignore", message='Field name "register"', category=User
 class Config(_Section):
     data: DataConfig = DataConfig()
     base: BaseConfig = BaseConfig()
+    prompt: PromptConfig = PromptConfig()
     lora: LoraSection = LoraSection()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
@@ -327,73 +344,6 @@ class Config(_Section):
         """A config path (relative paths are relative to the repository root) as an absolute path."""
         p = Path(path)
         return p if p.is_absolute() else REPO_ROOT / p
-
-
-def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
-    if not path.is_file():
-        raise UserError(f"{path}: params file not found")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise UserError(f"{path}:{where} is not valid YAML ({getattr(exc, 'problem', exc)})") from None
-    if not isinstance(raw, dict):
-        raise UserError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
-    parent = raw.pop("extends", None)
-    if parent is None:
-        return raw
-    parent_path = (path.parent / str(parent)).resolve()
-    if parent_path in seen:
-        raise UserError(f"{path}: 'extends' forms a cycle through {parent_path}")
-    return _deep_merge(_read_yaml(parent_path, (*seen, path.resolve())), raw)
-
-
-def _deep_merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in over.items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
-            out[key] = _deep_merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
-def parse_override(item: str) -> tuple[list[str], Any]:
-    """`section.key=value` -> (["section", "key"], typed value). Values are parsed as YAML."""
-    key, sep, text = item.partition("=")
-    if not sep or not key.strip():
-        raise UserError(f"--set {item!r}: expected section.key=value")
-    parts = key.strip().split(".")
-    if len(parts) < 2 or not all(parts):
-        raise UserError(f"--set {item!r}: key must name a section and a key, e.g. train.learning_rate")
-    try:
-        value = yaml.safe_load(text) if text.strip() else ""
-    except yaml.YAMLError:
-        value = text
-    return parts, value
-
-
-def apply_overrides(raw: dict[str, Any], overrides: Iterable[str | tuple[str, Any]]) -> dict[str, Any]:
-    """Apply `section.key=value` strings (or (dotted key, value) pairs) to a raw params dict."""
-    out = _deep_merge({}, raw)
-    for item in overrides:
-        if isinstance(item, str):
-            parts, value = parse_override(item)
-        else:
-            parts, value = item[0].split("."), item[1]
-        node = out
-        for part in parts[:-1]:
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            elif not isinstance(child, dict):
-                raise UserError(f"--set {'.'.join(parts)}: {part!r} is a value, not a section")
-            else:
-                child = node[part] = dict(child)
-            node = child
-        node[parts[-1]] = value
-    return out
 
 
 def _describe(error: dict[str, Any], model: type[BaseModel]) -> str:
@@ -429,7 +379,7 @@ def load_config(
         UserError: one line naming the file, the key and what is allowed.
     """
     path = Path(params) if params is not None else DEFAULT_PARAMS
-    raw = apply_overrides(_read_yaml(path), overrides)
+    raw = apply_overrides(read_params(path), overrides)
     try:
         return Config.model_validate(raw)
     except ValidationError as exc:

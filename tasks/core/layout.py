@@ -82,6 +82,11 @@ class RunLayout:
         return self.train_dir / "checkpoints"
 
     @property
+    def tokenized_dir(self) -> Path:
+        """The splits as tokenized, memory-mapped Arrow datasets, cached by fingerprint (retries reuse them)."""
+        return self.train_dir / "tokenized"
+
+    @property
     def train_summary(self) -> Path:
         return self.train_dir / "train_summary.json"
 

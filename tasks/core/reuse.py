@@ -36,7 +36,11 @@ def fingerprint(payload: Any, files: Iterable[Path] = ()) -> str:
     for path in files:
         path = Path(path)
         digest.update(b"\0" + path.name.encode() + b"\0")
-        digest.update(hashlib.sha256(path.read_bytes()).digest() if path.is_file() else b"missing")
+        if path.is_file():
+            with path.open("rb") as handle:  # in chunks: a split file can be hundreds of MB
+                digest.update(hashlib.file_digest(handle, "sha256").digest())
+        else:
+            digest.update(b"missing")
     return digest.hexdigest()[:FINGERPRINT_CHARS]
 
 

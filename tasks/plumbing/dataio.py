@@ -14,13 +14,15 @@ Accepted schemas (auto-detected from the column names, reported as `schema`):
 
 - ``question_answer``:   {question, answer} + optional id, category, context
 - ``prompt_completion``: {prompt, completion} (TRL's prompt-completion format)
-- ``messages``:          {messages: [{role, content}, ...]}: [system], user, assistant
+- ``messages``:          {messages: [{role, content}, ...]}: [system], then user/assistant turns ending
+  with an assistant turn (the earlier turns are kept; the loss covers every assistant turn)
 - ``llama2_text``:       {text: "<s>[INST] question [/INST] answer </s>"} (the reference walkthrough's
   guanaco-llama2 format)
 
-Every row becomes {line, id, question, answer, category}. An optional `context` or system message is
-folded into the question (so the model sees it); a missing id becomes a hash of the question, which
-stays stable when rows are appended.
+Every row becomes {line, id, question, answer, category, system, history}: the last user turn, the answer
+to it, the row's own system message (or None) and the turns before the last question (empty for a
+single Q&A). An optional `context` is folded into the question (so the model sees it); a missing id
+becomes a hash of the question (and the turns before it), which stays stable when rows are appended.
 """
 
 from __future__ import annotations
@@ -59,46 +61,16 @@ class LoadedData:
     rows: list[dict[str, Any]] = field(default_factory=list)
 
 
-SPLIT_FIELDS = ("id", "question", "answer", "category")
-
-
-def read_split(path: Path, what: str = "split") -> list[dict[str, str]]:
-    """A validated split (run_dir/data/train.jsonl or eval.jsonl) as rows, in file order.
-
-    Train, evaluate and export read the same files; one reader gives them the same checks and messages.
-
-    Raises:
-        UserError: a missing or empty file, a line that is not JSON, a missing or non-string field.
-    """
-    if not path.is_file():
-        raise UserError(f"{path}: {what} not found; run `qa-lora validate` first")
-    rows: list[dict[str, str]] = []
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UserError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
-            bad = (
-                [k for k in SPLIT_FIELDS if not isinstance(row.get(k), str)]
-                if isinstance(row, dict)
-                else ["*"]
-            )
-            if bad:
-                raise UserError(
-                    f"{path}:{lineno}: expected string fields {', '.join(SPLIT_FIELDS)}; missing/bad: {', '.join(bad)}"
-                )
-            rows.append({k: row[k] for k in SPLIT_FIELDS})
-    if not rows:
-        raise UserError(f"{path}: the {what} is empty")
-    return rows
-
-
 def normalize_question(text: str) -> str:
     """The form used for duplicates and the split: NFKC, case-folded, whitespace collapsed."""
     return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
+
+
+def dialogue_key(question: str, history: list[dict[str, str]] | None = None) -> str:
+    """What duplicates and the split compare: the question, after the turns before it (if any)."""
+    if not history:
+        return normalize_question(question)
+    return normalize_question("\n".join([*(t["content"] for t in history), question]))
 
 
 def resolve_source(source: str, allowed_roots: tuple[str, ...] | list[str], repo_root: Path) -> Path:
@@ -384,6 +356,7 @@ def _normalize(schema: str, line: int, record: dict[str, Any], problems: _Proble
     if missing:
         problems.add("columns", line, f"missing column(s) {missing} for schema {schema}")
         return None
+    system, history = None, []
     if schema == "question_answer":
         question = _text(record["question"], "question", line, problems)
         answer = _text(record["answer"], "answer", line, problems)
@@ -394,7 +367,7 @@ def _normalize(schema: str, line: int, record: dict[str, Any], problems: _Proble
         question = _text(record["prompt"], "prompt", line, problems)
         answer = _text(record["completion"], "completion", line, problems)
     elif schema == "messages":
-        question, answer = _from_messages(record["messages"], line, problems)
+        question, answer, system, history = _from_messages(record["messages"], line, problems)
     else:
         text = _text(record["text"], "text", line, problems)
         if text is None:
@@ -411,33 +384,42 @@ def _normalize(schema: str, line: int, record: dict[str, Any], problems: _Proble
         problems.add("types", line, f"column 'id' must be a string or integer, got {type(raw_id).__name__}")
         return None
     if raw_id is None or str(raw_id).strip() == "":
-        # Stable under appends: the id depends on the row's own question only.
-        raw_id = hashlib.sha1(normalize_question(question or f"line {line}").encode()).hexdigest()[:12]
+        # Stable under appends: the id depends on the row's own question (and turns) only.
+        raw_id = hashlib.sha1(dialogue_key(question or f"line {line}", history).encode()).hexdigest()[:12]
     return {
         "line": line,
         "id": str(raw_id).strip(),
         "question": question,
         "answer": answer,
         "category": category,
+        "system": system,
+        "history": history,
     }
 
 
-def _from_messages(messages: Any, line: int, problems: _Problems) -> tuple[str | None, str | None]:
+def _from_messages(
+    messages: Any, line: int, problems: _Problems
+) -> tuple[str | None, str | None, str | None, list[dict[str, str]]]:
+    """(last question, its answer, system message, the turns before the last question)."""
     if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
         problems.add("types", line, "column 'messages' must be a list of {role, content} objects")
-        return None, None
+        return None, None, None, []
     roles = [m.get("role") for m in messages]
-    if roles not in (["user", "assistant"], ["system", "user", "assistant"]):
+    turns = roles[1:] if roles[:1] == ["system"] else roles
+    alternating = all(r == ("user" if i % 2 == 0 else "assistant") for i, r in enumerate(turns))
+    if not turns or len(turns) % 2 or not alternating:
         problems.add(
-            "schema", line, f"messages must be [system], user, assistant (one turn), got roles {roles}"
+            "schema",
+            line,
+            f"messages must be [system], then user/assistant turns ending with an assistant turn, got roles {roles}",
         )
-        return None, None
+        return None, None, None, []
     contents = [
         _text(m.get("content"), f"messages[{i}].content", line, problems) for i, m in enumerate(messages)
     ]
-    if len(contents) == 3:
-        system, question, answer = contents
-        if question and system:
-            question = f"{system}\n\n{question}"
-        return question, answer
-    return contents[0], contents[1]
+    system = contents[0] if roles[0] == "system" else None
+    talk = contents[1:] if system is not None or roles[0] == "system" else contents
+    history = [
+        {"role": role, "content": text or ""} for role, text in zip(turns[:-2], talk[:-2], strict=True)
+    ]
+    return talk[-2], talk[-1], system or None, history

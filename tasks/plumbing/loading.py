@@ -3,9 +3,12 @@
 * :func:`resolve_base` turns `base.name_or_path` into what `from_pretrained` takes (a local model
   directory with safetensors weights, or a hub id) and refuses anything else with one line.
 * :func:`load_tokenizer` loads the tokenizer that goes with a model (the adapter's copy when training
-  saved one, else the base's) with ONE pad-token rule: the pad token must differ from EOS. Hub Llamas ship
-  without a pad token; we then pad with `unk`. Padding with EOS would teach the model never to stop, and
-  train, evaluate and export must tokenize a prompt identically (tests/model hold that).
+  saved one, else the base's) with the chat template the pipeline renders with (the tokenizer's own, or
+  `prompt.template`; tasks/plumbing/chat.py) and ONE pad-token rule: the pad token must differ from EOS
+  and from the template's end-of-turn token. Hub Llamas ship without a pad token; we then pad with `unk`,
+  or a reserved pad token such as Llama-3's `<|finetune_right_pad_id|>`. Padding with a stop token would
+  teach the model never to stop, and train, evaluate and export must tokenize a prompt identically
+  (tests/model hold that).
 
 transformers is imported inside the functions: importing this module stays cheap (DAG parsing).
 """
@@ -25,6 +28,8 @@ log = logging.getLogger("qa_lora.loading")
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _PICKLES = (".bin", ".pt", ".pth", ".ckpt")
+# Tried in order when a tokenizer has no pad token distinct from its stop tokens (after `unk`).
+_PAD_CANDIDATES = ("<|finetune_right_pad_id|>", "<|endoftext|>", "<pad>", "[PAD]")
 
 
 @dataclass(frozen=True)
@@ -91,10 +96,12 @@ def load_tokenizer(
             next-token one).
 
     Raises:
-        UserError: the tokenizer cannot be loaded, has no EOS token, or has no pad token distinct
-            from EOS and no `unk` token to use instead.
+        UserError: the tokenizer cannot be loaded, has no chat template and `prompt.template` names none,
+            has no EOS token, or has no pad token distinct from its stop tokens and none to use instead.
     """
     from transformers import AutoTokenizer
+
+    from tasks.plumbing.chat import chat_format, use_template
 
     if adapter_dir is not None and (Path(adapter_dir) / "tokenizer_config.json").is_file():
         source, kwargs = str(adapter_dir), {}
@@ -107,27 +114,32 @@ def load_tokenizer(
         raise UserError(
             f"base.name_or_path={cfg.base.name_or_path!r}: cannot load its tokenizer ({first})"
         ) from None
-    apply_pad_rule(tokenizer, source)
+    use_template(tokenizer, cfg.prompt.template, source)
+    apply_pad_rule(tokenizer, source, chat_format(cfg, tokenizer).stop_token_ids)
     tokenizer.padding_side = padding_side
     return tokenizer
 
 
-def apply_pad_rule(tokenizer: Any, source: str) -> str | None:
-    """Make the pad token differ from EOS (use `unk`); returns a note when it had to change it.
+def apply_pad_rule(tokenizer: Any, source: str, stops: tuple[int, ...] = ()) -> str | None:
+    """Make the pad token differ from EOS and the `stops` (use `unk` or a reserved pad token); returns a
+    note when it had to change it.
 
     Raises:
-        UserError: no EOS token, or no pad/unk token distinct from EOS.
+        UserError: no EOS token, or no pad token distinct from the stop tokens and none to use instead.
     """
     if tokenizer.eos_token_id is None:
         raise UserError(f"base.name_or_path: the tokenizer of {source} has no EOS token")
-    if tokenizer.pad_token_id is not None and tokenizer.pad_token_id != tokenizer.eos_token_id:
+    avoid = {tokenizer.eos_token_id, *stops}
+    if tokenizer.pad_token_id is not None and tokenizer.pad_token_id not in avoid:
         return None
-    if tokenizer.unk_token_id is None or tokenizer.unk_token_id == tokenizer.eos_token_id:
-        raise UserError(
-            f"base.name_or_path: the tokenizer of {source} has no pad token distinct from EOS "
-            "(padding with EOS would teach the model never to stop)"
-        )
-    tokenizer.pad_token = tokenizer.unk_token
-    note = f"pad token set to {tokenizer.unk_token!r} (the tokenizer had none distinct from EOS)"
-    log.info(note)
-    return note
+    vocab = tokenizer.get_vocab()
+    for candidate in (tokenizer.unk_token, *_PAD_CANDIDATES):
+        if candidate in vocab and vocab[candidate] not in avoid and candidate != tokenizer.bos_token:
+            tokenizer.pad_token = candidate
+            note = f"pad token set to {candidate!r} (the tokenizer had none distinct from its stop tokens)"
+            log.info(note)
+            return note
+    raise UserError(
+        f"base.name_or_path: the tokenizer of {source} has no pad token distinct from its stop tokens and "
+        f"none of unk, {', '.join(_PAD_CANDIDATES)} (padding with a stop token would teach the model never to stop)"
+    )

@@ -1,7 +1,8 @@
 """Greedy generation on ONNX Runtime over the exported decoder (one graph with a KV cache).
 
-The export stage (tasks/stages/export) writes `model.onnx` (+ `model.onnx.data`), the tokenizer and
-`onnx_layout.json`, which names the graph's inputs, outputs and cache tensors. One graph serves both
+The export stage (tasks/stages/export) writes `model.onnx` (+ `model.onnx.data`), the tokenizer,
+`chat_format.json` (the base's chat template as a prompt frame, its stop tokens; tasks/plumbing/chat.py)
+and `onnx_layout.json`, which names the graph's inputs, outputs and cache tensors. One graph serves both
 phases: the prompt runs with an empty (length-0) cache (prefill), then one token per step runs with the
 cache the previous step returned (decode). Prompts are left-padded; position ids are
 `cumsum(attention_mask) - 1` (0 at padding), exactly as `transformers` `generate()` computes them, so
@@ -10,10 +11,9 @@ greedy tokens match PyTorch's.
 Needs only numpy, onnxruntime and a tokenizer (no torch), so a registry consumer can run it:
 
     from tasks.plumbing.onnx_generate import load_onnx_generator
-    from tasks.plumbing.prompting import format_prompt
 
     gen = load_onnx_generator("runs/local/export/onnx")
-    out = gen.generate([format_prompt("What does zip() return?")], max_new_tokens=64)
+    out = gen.generate([gen.chat.prompt("What does zip() return?")], max_new_tokens=64)
     print(out.texts[0], gen.provider)
 """
 
@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from tasks.core.errors import UserError
+from tasks.plumbing.chat import ChatFrame
 from tasks.plumbing.ort_runtime import (
     PROVIDER_NAMES,
     PROVIDER_PRIORITY,
@@ -63,7 +64,8 @@ _ORT_TO_NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "te
 
 @dataclass
 class GenerationResult:
-    """Greedy generation output. `token_ids` are the new tokens per prompt, up to and including EOS."""
+    """Greedy generation output. `token_ids` are the new tokens per prompt, up to and including the stop
+    token (the chat template's end-of-turn token, or EOS)."""
 
     texts: list[str]
     token_ids: list[list[int]]
@@ -101,7 +103,11 @@ class OnnxGenerator:
         )
         self.provider = self.session.get_providers()[0]
         self.tokenizer = tokenizer if tokenizer is not None else _load_tokenizer(self.onnx_dir)
+        self.chat = ChatFrame.load(self.onnx_dir)  # the prompt frame of the base's chat template
         self.eos_token_id: int = int(self.layout["eos_token_id"])
+        self.stop_token_ids = np.array(
+            self.layout.get("stop_token_ids") or [self.eos_token_id], dtype=np.int64
+        )
         self.pad_token_id: int = int(self.layout["pad_token_id"])
         inputs = {i.name: i for i in self.session.get_inputs()}
         self._cache = self.layout["cache"]
@@ -115,9 +121,10 @@ class OnnxGenerator:
         return names + [c["input"] for c in self._cache]
 
     def encode(self, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        """Tokenize and left-pad prompts: (input_ids, attention_mask), int64, shape (batch, length)."""
+        """Tokenize rendered prompts (their special tokens are in the text: none added) and left-pad them:
+        (input_ids, attention_mask), int64, shape (batch, length)."""
         self.tokenizer.padding_side = "left"
-        enc = self.tokenizer(list(prompts), padding=True, return_tensors="np")
+        enc = self.tokenizer(list(prompts), padding=True, return_tensors="np", add_special_tokens=False)
         return enc["input_ids"].astype(np.int64), enc["attention_mask"].astype(np.int64)
 
     def empty_cache(self, batch: int) -> list[np.ndarray]:
@@ -156,8 +163,8 @@ class OnnxGenerator:
     ) -> GenerationResult:
         """Greedy decoding from left-padded token ids (no text decoding).
 
-        Rows that emitted EOS are fed the pad token (attention 1) until every row is done, the way
-        `transformers` `generate()` does, so step logits stay comparable with PyTorch's.
+        Rows that emitted a stop token are fed the pad token (attention 1) until every row is done, the
+        way `transformers` `generate()` does, so step logits stay comparable with PyTorch's.
         """
         input_ids = np.asarray(input_ids, dtype=np.int64)
         mask = np.asarray(attention_mask, dtype=np.int64)
@@ -177,7 +184,7 @@ class OnnxGenerator:
             token = last.argmax(axis=-1).astype(np.int64)
             token = np.where(done, self.pad_token_id, token)
             new_tokens.append(token)
-            done |= token == self.eos_token_id
+            done |= np.isin(token, self.stop_token_ids)
             if done.all() or step == max_new_tokens - 1:
                 break
             mask = np.concatenate([mask, np.ones((batch, 1), dtype=np.int64)], axis=1)
@@ -185,7 +192,8 @@ class OnnxGenerator:
             last = logits[:, -1, :]
             next_pos = next_pos + 1
         token_ids = _trim(
-            np.stack(new_tokens, axis=1) if new_tokens else np.zeros((batch, 0), np.int64), self.eos_token_id
+            np.stack(new_tokens, axis=1) if new_tokens else np.zeros((batch, 0), np.int64),
+            set(self.stop_token_ids.tolist()),
         )
         return GenerationResult(
             texts=[],
@@ -199,15 +207,16 @@ class OnnxGenerator:
     def generate(
         self, prompts: Sequence[str], max_new_tokens: int = 64, return_logits: bool = False
     ) -> GenerationResult:
-        """Greedy-generate answers for already templated prompts (see `tasks.plumbing.prompting.format_prompt`).
+        """Greedy-generate answers for rendered prompts (`self.chat.prompt(question)`).
 
         Args:
-            prompts: prompt strings; the tokenizer adds BOS.
-            max_new_tokens: upper bound on generated tokens per prompt (EOS stops a prompt earlier).
+            prompts: rendered prompt strings (BOS, where the template writes one, is in the text).
+            max_new_tokens: upper bound on generated tokens per prompt (a stop token ends one earlier).
             return_logits: also return prompt and per-step logits (parity checks).
 
         Returns:
-            Texts (special tokens removed), new token ids (up to and including EOS), finished flags.
+            Texts (special tokens removed), new token ids (up to and including the stop token), finished
+            flags.
         """
         if not prompts:
             return GenerationResult(texts=[], token_ids=[], finished=[])
@@ -235,11 +244,12 @@ def default_session_options(ort: Any) -> Any:
     return options
 
 
-def _trim(tokens: np.ndarray, eos: int) -> list[list[int]]:
-    """Per row: the tokens up to and including the first EOS."""
+def _trim(tokens: np.ndarray, stops: set[int]) -> list[list[int]]:
+    """Per row: the tokens up to and including the first stop token."""
     out: list[list[int]] = []
     for row in tokens.tolist():
-        out.append(row[: row.index(eos) + 1] if eos in row else row)
+        at = next((k for k, t in enumerate(row) if t in stops), None)
+        out.append(row if at is None else row[: at + 1])
     return out
 
 

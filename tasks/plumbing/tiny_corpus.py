@@ -5,7 +5,7 @@
   which are the Q&A answers). It is read from the file, not from the running interpreter, so every
   machine builds the base from the same text. Documents marked "heldout" are kept for perplexity.
 * Tokenizer: byte-level BPE trained with `tokenizers` on the training text only; `<s>` is added by the
-  post-processor, `</s>` never is (answers carry it through the chat template / prompting.py).
+  post-processor, `</s>` never is (answers carry it through the chat template, tasks/plumbing/chat.py).
 """
 
 from __future__ import annotations
@@ -19,14 +19,22 @@ from typing import Any
 
 from tasks.core.config import PACKAGE_ROOT, TinyBaseConfig
 from tasks.core.errors import UserError
-from tasks.plumbing.prompting import BOS, EOS, INST_CLOSE, INST_OPEN, PAD, SYS_CLOSE, SYS_OPEN, UNK
+
+BOS = "<s>"
+EOS = "</s>"
+PAD = "<pad>"
+UNK = "<unk>"
+INST_OPEN = "[INST]"
+INST_CLOSE = "[/INST]"
+SYS_OPEN = "<<SYS>>"
+SYS_CLOSE = "<</SYS>>"
 
 # Part of the code, like the recipe: the checkout's own copy, whichever project a command works on.
 CORPUS_FILE = PACKAGE_ROOT / "data" / "base_corpus.jsonl"
 
 Documents = tuple[tuple[str, str], ...]  # (name, text) pairs in the corpus file's order
 
-# Llama-2 chat layout, the same string as tasks/plumbing/prompting.py renders:
+# Llama-2 chat layout (every stage renders with it through tasks/plumbing/chat.py):
 #   <s>[INST] question [/INST] answer </s><s>[INST] next question [/INST] ...
 # A system message is folded into the first user turn (<<SYS>> ... <</SYS>>), as Llama-2 does.
 # {% generation %} marks assistant text for `return_assistant_tokens_mask` (TRL assistant_only_loss).
@@ -127,7 +135,7 @@ def train_tokenizer(texts: list[str], tiny: TinyBaseConfig) -> Any:
     # surrounds them, and decode keeps them.
     tok.add_tokens([AddedToken(INST_OPEN, normalized=False), AddedToken(INST_CLOSE, normalized=False)])
     bos_id = tok.token_to_id(BOS)
-    # BOS on every sequence, never EOS: the answer's EOS comes from the template (prompting.py).
+    # BOS on every sequence, never EOS: the answer's EOS comes from the chat template.
     tok.post_processor = processors.TemplateProcessing(
         single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, bos_id)]
     )

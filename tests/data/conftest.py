@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from tasks.core.config import Config, load_config
-from tasks.plumbing.prompting import BOS, EOS, INST_CLOSE, INST_OPEN, PAD, UNK
+from tasks.plumbing.tiny_corpus import BOS, CHAT_TEMPLATE, EOS, INST_CLOSE, INST_OPEN, PAD, UNK
 
 _CORPUS = [
     "What is the capital of France? Paris is the capital of France.",
@@ -22,8 +22,9 @@ _CORPUS = [
 def build_fixture_tokenizer(out: Path) -> Path:
     """A tiny byte-level BPE saved as a PreTrainedTokenizerFast with the template's special tokens.
 
-    Built like tasks/base.py's tokenizer (same specials, BOS added, EOS only from the template), so the
-    validation checks see what they will see with the real tiny base, in well under a second.
+    Built like tasks/base.py's tokenizer (same specials, BOS added, EOS only from the template, the same
+    chat template), so the validation checks see what they will see with the real tiny base, in well
+    under a second.
     """
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
@@ -45,6 +46,7 @@ def build_fixture_tokenizer(out: Path) -> Path:
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD, unk_token=UNK
     )
+    fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(out)
     # A one-layer random Llama beside it: the stages resolve the base as a model directory
     # (config.json + safetensors, tasks.plumbing.loading.resolve_base) before loading its tokenizer.

@@ -27,7 +27,7 @@ def test_jsonl_question_answer_keeps_lines_and_fields(tmp_path: Path) -> None:
     loaded = load_dataset(path)
     assert (loaded.format, loaded.schema) == ("jsonl", "question_answer")
     assert [r["line"] for r in loaded.rows] == [1, 3]  # blank lines are skipped, numbering is physical
-    assert loaded.rows[1] == {"line": 3, **rows[1]}
+    assert loaded.rows[1] == {"line": 3, **rows[1], "system": None, "history": []}
 
 
 def test_csv_with_bom_quotes_and_embedded_newlines(tmp_path: Path) -> None:
@@ -73,17 +73,26 @@ def test_prompt_completion_schema(tmp_path: Path) -> None:
     assert row["id"] == load_dataset(path).rows[0]["id"]  # a generated id is stable
 
 
-def test_messages_schema_folds_the_system_message(tmp_path: Path) -> None:
+def test_messages_schema_keeps_the_system_message_and_earlier_turns(tmp_path: Path) -> None:
     msgs = [
         {"role": "system", "content": "Be brief."},
         {"role": "user", "content": "What is 2+2?"},
         {"role": "assistant", "content": "4"},
     ]
-    path = write_jsonl(tmp_path / "m.jsonl", [{"messages": msgs}, {"messages": msgs[1:]}])
+    more = [*msgs, {"role": "user", "content": "And 3+3?"}, {"role": "assistant", "content": "6"}]
+    path = write_jsonl(tmp_path / "m.jsonl", [{"messages": msgs}, {"messages": msgs[1:]}, {"messages": more}])
     loaded = load_dataset(path)
     assert loaded.schema == "messages"
-    assert loaded.rows[0]["question"] == "Be brief.\n\nWhat is 2+2?"
-    assert (loaded.rows[1]["question"], loaded.rows[1]["answer"]) == ("What is 2+2?", "4")
+    first, second, third = loaded.rows
+    assert (first["system"], first["question"], first["answer"], first["history"]) == (
+        "Be brief.",
+        "What is 2+2?",
+        "4",
+        [],
+    )
+    assert (second["system"], second["question"], second["answer"]) == (None, "What is 2+2?", "4")
+    assert (third["question"], third["answer"], third["history"]) == ("And 3+3?", "6", msgs[1:])
+    assert third["id"] != first["id"]  # the generated id covers the earlier turns
 
 
 def test_llama2_text_schema(tmp_path: Path) -> None:
@@ -222,10 +231,16 @@ def test_bad_llama2_text_and_bad_messages(tmp_path: Path) -> None:
         str(err.value)
         == f"{path}: line 1: text is not '<s>[INST] question [/INST] answer </s>' (check: schema)"
     )
-    turns = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}] * 2
+    turns = [
+        {"role": "user", "content": "a"},
+        {"role": "assistant", "content": "b"},
+        {"role": "user", "content": "c"},
+    ]
     path = write_jsonl(tmp_path / "m.jsonl", [{"messages": turns}])
     with pytest.raises(
-        UserError, match=r"line 1: messages must be \[system\], user, assistant .*\(check: schema\)$"
+        UserError,
+        match=r"line 1: messages must be \[system\], then user/assistant turns ending with an assistant turn, "
+        r"got roles \['user', 'assistant', 'user'\] \(check: schema\)$",
     ):
         load_dataset(path)
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -143,22 +142,58 @@ def test_row_count_bounds(tmp_path: Path, make_cfg: Callable[..., Config]) -> No
     )
 
 
-def test_missing_eos_after_templating_is_an_error(
-    tmp_path: Path, make_cfg: Callable[..., Config], fixture_tokenizer: Path
+def test_a_row_the_chat_template_cannot_render_is_an_error(
+    tmp_path: Path, make_cfg: Callable[..., Config]
 ) -> None:
-    from transformers import AutoTokenizer
-
-    shutil.copytree(fixture_tokenizer, tmp_path / "tok")  # the fixture base, with a broken tokenizer
-    broken = AutoTokenizer.from_pretrained(fixture_tokenizer)
-    broken.eos_token = "<unk>"  # the template still ends with </s>: a template/tokenizer mismatch
-    broken.save_pretrained(tmp_path / "tok")
-    source = write_jsonl(tmp_path / "qa.jsonl", qa_rows(8))
+    """Mistral v0.3's template puts a system message into the last user turn only, so a conversation with
+    one renders its prompt differently once the answer follows: such a row cannot be trained on."""
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": r["question"]},
+                {"role": "assistant", "content": r["answer"]},
+            ]
+        }
+        for r in qa_rows(8)
+    ]
+    rows[2]["messages"].insert(0, {"role": "system", "content": "Answer briefly."})
+    source = write_jsonl(tmp_path / "qa.jsonl", rows)
     with pytest.raises(UserError) as err:
-        validate_dataset(make_cfg(source, ("base.name_or_path", str(tmp_path / "tok"))), tmp_path / "run")
+        validate_dataset(make_cfg(source, ("prompt.template", "mistral")), tmp_path / "run")
     assert str(err.value) == (
-        f"{source}: lines 1, 2, 3, 4, 5 and 3 more: the templated example does not end with the EOS token "
+        f"{source}: line 3: the chat template renders the prompt of message 3 differently once its answer "
+        "follows, so the answer cannot be told apart for the loss (a template that moves the system message?) "
         "(check: missing_eos; data.policies.missing_eos=error)"
     )
+
+
+def test_multi_turn_rows_keep_their_turns(tmp_path: Path, make_cfg: Callable[..., Config]) -> None:
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": r["question"]},
+                {"role": "assistant", "content": r["answer"]},
+            ]
+        }
+        for r in qa_rows(8)
+    ]
+    rows[0]["messages"] = [
+        {"role": "system", "content": "Answer briefly."},
+        {"role": "user", "content": "What is alpha?"},
+        {"role": "assistant", "content": "A letter."},
+        *rows[0]["messages"],
+    ]
+    source = write_jsonl(tmp_path / "qa.jsonl", rows)
+    run_dir = tmp_path / "run"
+    validate_dataset(make_cfg(source, ("data.eval_fraction", 0.01)), run_dir)
+    first = _read(run_dir / "data" / "train.jsonl")[0]
+    assert first["system"] == "Answer briefly."
+    assert first["history"] == [
+        {"role": "user", "content": "What is alpha?"},
+        {"role": "assistant", "content": "A letter."},
+    ]
+    assert (first["question"], first["answer"]) == (qa_rows(1)[0]["question"], qa_rows(1)[0]["answer"])
+    assert all("history" not in r for r in _read(run_dir / "data" / "train.jsonl")[1:])
 
 
 def test_split_is_stable_when_rows_are_appended(tmp_path: Path, make_cfg: Callable[..., Config]) -> None:

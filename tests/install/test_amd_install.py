@@ -46,12 +46,12 @@ import json, sys
 from tasks.core.errors import UserError
 from tasks.plumbing.onnx_generate import load_onnx_generator
 from tasks.plumbing.ort_runtime import describe_runtime
-from tasks.plumbing.prompting import format_prompt
 
 onnx_dir, new_tokens, prompts = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3])
-prompts = [format_prompt(q) for q in prompts]
 out = {"runtime": describe_runtime()}
-cpu = load_onnx_generator(onnx_dir, provider="CPU").generate(prompts, new_tokens, return_logits=True)
+cpu_gen = load_onnx_generator(onnx_dir, provider="CPU")
+prompts = [cpu_gen.chat.prompt(q) for q in prompts]
+cpu = cpu_gen.generate(prompts, new_tokens, return_logits=True)
 out["cpu"] = {"tokens": cpu.token_ids, "prefill": cpu.prefill_logits.tolist()}
 try:
     gen = load_onnx_generator(onnx_dir)
@@ -74,19 +74,20 @@ def tiny_onnx(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
     from transformers import AutoModelForCausalLM
 
     from tasks.core.config import load_config
+    from tasks.plumbing.chat import chat_format
     from tasks.plumbing.loading import load_tokenizer
     from tasks.plumbing.onnx_generate import load_onnx_generator
-    from tasks.plumbing.prompting import format_prompt
     from tasks.stages.export import generation_config
     from tasks.stages.export.onnx_graph import export_onnx
 
     cfg = load_config(overrides=[f"base.name_or_path={tiny_base}"])
-    tokenizer = load_tokenizer(cfg, padding_side="left")
+    chat = chat_format(cfg, load_tokenizer(cfg, padding_side="left"))
     model = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32).eval()
     onnx_dir = tmp_path_factory.mktemp("tiny-onnx") / "onnx"
-    export_onnx(model, tokenizer, generation_config(cfg, tokenizer), onnx_dir, cfg.export.opset)
+    gen_config = generation_config(cfg, chat.tokenizer, chat.stop_token_ids)
+    export_onnx(model, chat, gen_config, onnx_dir, cfg.export.opset)
     cpu = load_onnx_generator(onnx_dir, provider="CPU")
-    out = cpu.generate([format_prompt(q) for q in PROMPTS], NEW_TOKENS, return_logits=True)
+    out = cpu.generate([chat.prompt(q) for q in PROMPTS], NEW_TOKENS, return_logits=True)
     assert all(out.token_ids), "the tiny model generated nothing: the comparison would be vacuous"
     return {"dir": onnx_dir, "tokens": out.token_ids, "prefill": out.prefill_logits}
 

@@ -11,7 +11,6 @@ import pytest
 from tasks.core.config import load_config
 from tasks.core.errors import UserError
 from tasks.plumbing.base import META_FILE, build_base_model, recipe_hash
-from tasks.plumbing.prompting import format_completion, format_prompt
 
 # A recipe small enough to build in seconds: it exercises the whole path (corpus, tokenizer, training,
 # saving) without the default's minutes of pretraining.
@@ -136,26 +135,25 @@ def test_default_base_loads_and_follows_the_template(tiny_base: Path) -> None:
     assert ids[0] == tok.bos_token_id and tok.eos_token_id not in ids
     assert tok.decode(ids, skip_special_tokens=True) == text
 
-    # The chat template renders exactly tasks/prompting.py's Llama-2 layout, answers ending with EOS.
+    # Its chat template (the one every stage renders with) is Llama-2's layout, answers ending with EOS.
     messages = [{"role": "user", "content": "What is x?"}, {"role": "assistant", "content": "An int."}]
     rendered = tok.apply_chat_template(messages, tokenize=False)
     assert rendered == "<s>[INST] What is x? [/INST] An int. </s>"
-    assert rendered == tok.bos_token + format_prompt("What is x?") + format_completion("An int.")
     prompt = tok.apply_chat_template(messages[:1], tokenize=False, add_generation_prompt=True)
-    assert prompt == "<s>" + format_prompt("What is x?")
+    assert prompt == "<s>[INST] What is x? [/INST]"
 
     # [INST]/[/INST] tokenize the same way wherever they appear, and prompt + completion tokens are
     # the prompt's tokens followed by the completion's (no merge across the boundary).
-    p_ids = tok(format_prompt("What does len do?"))["input_ids"]
-    c_ids = tok(format_completion("It counts."), add_special_tokens=False)["input_ids"]
-    full = tok(format_prompt("What does len do?") + format_completion("It counts."))["input_ids"]
+    p_ids = tok("<s>[INST] What does len do? [/INST]", add_special_tokens=False)["input_ids"]
+    c_ids = tok(" It counts. </s>", add_special_tokens=False)["input_ids"]
+    full = tok("<s>[INST] What does len do? [/INST] It counts. </s>", add_special_tokens=False)["input_ids"]
     assert full == p_ids + c_ids
-    assert c_ids[-1] == tok.eos_token_id
+    assert c_ids[-1] == tok.eos_token_id and p_ids[0] == tok.bos_token_id
     inst = tok("[INST]", add_special_tokens=False)["input_ids"]
     assert len(inst) == 1 and p_ids[1:2] == inst
 
     # It generates text (greedy, a few tokens) after the prompt.
-    enc = tok(format_prompt("What does the for statement do?"), return_tensors="pt")
+    enc = tok("[INST] What does the for statement do? [/INST]", return_tensors="pt")
     with torch.no_grad():
         out = model.generate(**enc, max_new_tokens=12, do_sample=False)
     new = out[0, enc["input_ids"].shape[1] :]

@@ -19,13 +19,13 @@ import pytest
 
 from tasks.core.config import Config, load_config
 from tasks.core.errors import UserError
+from tasks.plumbing.chat import ChatFormat
 from tasks.plumbing.ort_runtime import (
     ProviderChoice,
     ProviderUnavailable,
     choose_provider,
     verify_session,
 )
-from tasks.plumbing.prompting import format_completion, format_prompt
 
 QUESTIONS = [
     ("What does len() return?", "The number of items."),
@@ -236,9 +236,10 @@ def _make_run(run_dir: Path, base: Path) -> None:
             )
         ),
     )
-    texts = [format_prompt(q) + format_completion(a) for q, a in QUESTIONS]
+    chat = ChatFormat(tokenizer)
+    texts = [chat.example({"question": q, "answer": a})[0] for q, a in QUESTIONS]
     tokenizer.padding_side = "right"
-    batch = tokenizer(texts, padding=True, return_tensors="pt")
+    batch = tokenizer(texts, padding=True, return_tensors="pt", add_special_tokens=False)
     labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-3)
     for _ in range(4):
@@ -248,6 +249,7 @@ def _make_run(run_dir: Path, base: Path) -> None:
     adapter = run_dir / "train" / "adapter"
     model.save_pretrained(adapter)
     tokenizer.save_pretrained(adapter)
+    chat.frame().save(adapter)  # what train writes beside an adapter: the chat format it was trained in
 
 
 def _cfg(base: Path, *extra: str) -> Config:
@@ -320,7 +322,8 @@ def test_merged_model_reloads_with_its_trained_tied_embeddings(exported: dict[st
         str(Path(exported["run_dir"]) / "train" / "adapter"),
     ).eval()
     tokenizer = AutoTokenizer.from_pretrained(merged_dir)
-    ids = tokenizer([format_prompt(q) for q, _ in QUESTIONS[:2]], return_tensors="pt", padding=True)
+    prompts = [ChatFormat(tokenizer).prompt(q) for q, _ in QUESTIONS[:2]]
+    ids = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
     with torch.inference_mode():
         diff = (merged(**ids).logits - adapter(**ids).logits).abs().max().item()
     assert diff <= exported["cfg"].export.merge_atol, f"reloaded merged model vs adapter: {diff}"
@@ -344,12 +347,12 @@ def test_onnx_parity_with_kv_cache_on_a_padded_batch(exported: dict[str, Any]) -
 
     gen = load_onnx_generator(result["onnx_dir"])
     assert len(gen.layout["cache"]) == 2 * gen.layout["num_layers"]
-    prompts = [format_prompt(q) for q, _ in QUESTIONS[:3]]
+    prompts = [gen.chat.prompt(q) for q, _ in QUESTIONS[:3]]
     ort_out = gen.generate(prompts, max_new_tokens=10)
 
     tok = AutoTokenizer.from_pretrained(result["merged_dir"], padding_side="left")
     model = AutoModelForCausalLM.from_pretrained(result["merged_dir"]).eval()
-    enc = tok(prompts, padding=True, return_tensors="pt")
+    enc = tok(prompts, padding=True, return_tensors="pt", add_special_tokens=False)
     assert (enc["attention_mask"] == 0).any(), "the batch must need padding"
     with torch.inference_mode():
         out = model.generate(**enc, max_new_tokens=10, do_sample=False)

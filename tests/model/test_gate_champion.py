@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from champion_fixture import stand_in_chat_format
 from small_lora import small_lora_overrides
 
 from tasks.core.config import Config, load_config
@@ -150,6 +151,7 @@ def _write_onnx_stand_in(out: Path) -> None:
         helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(out / "model.onnx")
     )
     (out / "onnx_layout.json").write_text(json.dumps({"format": "qa-lora-onnx-kv/1"}))
+    stand_in_chat_format(out)
     (out / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>"}))
 
 

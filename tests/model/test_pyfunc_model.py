@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from champion_fixture import QUESTIONS, build_champion
 
-from tasks.plumbing.prompting import format_prompt
+from tasks.plumbing.chat import ChatFormat
 
 NEW_TOKENS = 12
 
@@ -35,8 +35,11 @@ def test_serving_tokenizer_encodes_and_decodes_like_transformers(tiny_base: Path
     apply_pad_rule(hf, str(tiny_base))
     hf.padding_side = "left"
     fast = FastTokenizer(tiny_base / "tokenizer.json", hf.pad_token_id)
-    prompts = [format_prompt(q) for q in [*QUESTIONS, "Qu'est-ce qu'un dict ? 日本語 é", "x"]]
-    want, got = hf(prompts, padding=True, return_tensors="np"), fast(prompts)
+    hf.chat_template = AutoTokenizer.from_pretrained(tiny_base).chat_template
+    chat = ChatFormat(hf)
+    prompts = [chat.prompt(q) for q in [*QUESTIONS, "Qu'est-ce qu'un dict ? 日本語 é", "x"]]
+    want = hf(prompts, padding=True, return_tensors="np", add_special_tokens=False)
+    got = fast(prompts)
     assert (want["attention_mask"] == 0).any()
     assert got["input_ids"].tolist() == want["input_ids"].tolist()
     assert got["attention_mask"].tolist() == want["attention_mask"].tolist()
@@ -76,15 +79,16 @@ def test_champion_answers_equal_the_onnx_generator_and_pytorch_greedy(champion: 
     )
     answers = out["answer"].tolist()
 
-    prompts = [format_prompt(q) for q in QUESTIONS]
-    reference = load_onnx_generator(champion["onnx_dir"], provider="CPU").generate(prompts, NEW_TOKENS)
+    generator = load_onnx_generator(champion["onnx_dir"], provider="CPU")
+    prompts = [generator.chat.prompt(q) for q in QUESTIONS]
+    reference = generator.generate(prompts, NEW_TOKENS)
     assert answers == reference.texts
     ours = Answerer(champion["onnx_dir"]).generator.generate(prompts, NEW_TOKENS)
     assert ours.token_ids == reference.token_ids and any(reference.token_ids)
 
     tok = AutoTokenizer.from_pretrained(champion["merged_dir"], padding_side="left")
     merged = AutoModelForCausalLM.from_pretrained(champion["merged_dir"], dtype=torch.float32).eval()
-    enc = tok(prompts, padding=True, return_tensors="pt")
+    enc = tok(prompts, padding=True, return_tensors="pt", add_special_tokens=False)
     assert (enc["attention_mask"] == 0).any(), "the batch must need padding"
     with torch.no_grad():
         gen = merged.generate(
@@ -107,7 +111,7 @@ def test_dict_input_single_question_and_max_new_tokens_param(champion: dict[str,
     one = model.predict({"question": [QUESTIONS[1]]}, params={"max_new_tokens": NEW_TOKENS})
     assert one["answer"].tolist() == batch["answer"].tolist()[1:2], "padding must not change an answer"
     reference = load_onnx_generator(champion["onnx_dir"], provider="CPU")
-    prompts = [format_prompt(q) for q in QUESTIONS[:2]]
+    prompts = [reference.chat.prompt(q) for q in QUESTIONS[:2]]
     for budget in (1, 3):
         short = model.predict({"question": QUESTIONS[:2]}, params={"max_new_tokens": budget})
         assert short["answer"].tolist() == reference.generate(prompts, budget).texts

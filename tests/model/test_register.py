@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from champion_fixture import stand_in_chat_format
 
 from tasks.core.config import Config, load_config, save_config
 from tasks.core.errors import UserError
@@ -107,6 +108,7 @@ def make_run(
     save_file({"w": rng.standard_normal((4, 4), dtype=np.float32)}, str(merged / "model.safetensors"))
     _write_onnx(onnx_dir)
     (onnx_dir / "onnx_layout.json").write_text(json.dumps({"format": "qa-lora-onnx-kv/1"}))
+    stand_in_chat_format(onnx_dir)
     (onnx_dir / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>"}))
     gate = {
         "passed": passed,
@@ -398,8 +400,8 @@ def test_champion_round_trip_generates_with_onnxruntime(
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from tasks.plumbing.chat import ChatFormat
     from tasks.plumbing.onnx_generate import load_onnx_generator
-    from tasks.plumbing.prompting import format_prompt
     from tasks.stages.export import export_model
     from tasks.stages.register import fetch_champion, register_model
 
@@ -412,6 +414,8 @@ def test_champion_round_trip_generates_with_onnxruntime(
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32), lora)
     model.save_pretrained(run / "train/adapter")
     tokenizer.save_pretrained(run / "train/adapter")
+    chat = ChatFormat(tokenizer)
+    chat.frame().save(run / "train/adapter")  # what training records beside an adapter
     questions = ["What does zip() return?", "How do I open a file?", "What is a list?"]
     rows = [{"id": str(i), "question": q, "answer": "x", "category": "c"} for i, q in enumerate(questions)]
     (run / "data").mkdir()
@@ -442,13 +446,13 @@ def test_champion_round_trip_generates_with_onnxruntime(
 
     champ = fetch_champion(cfg, tmp_path / "champion")
     assert champ is not None and champ["version"] == reg["version"]
-    prompts = [format_prompt(q) for q in questions]
+    prompts = [chat.prompt(q) for q in questions]
     onnx_out = load_onnx_generator(champ["onnx_path"], provider="CPU").generate(prompts, max_new_tokens=8)
 
     tok = AutoTokenizer.from_pretrained(champ["merged_path"])
     tok.padding_side = "left"
     merged = AutoModelForCausalLM.from_pretrained(champ["merged_path"], dtype=torch.float32).eval()
-    enc = tok(prompts, padding=True, return_tensors="pt")
+    enc = tok(prompts, padding=True, return_tensors="pt", add_special_tokens=False)
     with torch.no_grad():
         out = merged.generate(**enc, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
     eos = tok.eos_token_id

@@ -158,8 +158,8 @@ def test_adapter_tokenizer_encodes_prompts_as_training_did(reference: dict[str, 
     """Evaluate and export load the tokenizer saved beside the adapter (left padding, for generation);
     train loaded the base's (right padding). Both encode every eval prompt to the same ids, with the
     same pad and EOS, through the one loader."""
+    from tasks.plumbing.chat import ChatFrame, chat_format
     from tasks.plumbing.loading import load_tokenizer
-    from tasks.plumbing.prompting import format_prompt
 
     cfg, adapter = reference["cfg"], reference["run_dir"] / "train" / "adapter"
     trained_with = load_tokenizer(cfg, padding_side="right")
@@ -167,8 +167,9 @@ def test_adapter_tokenizer_encodes_prompts_as_training_did(reference: dict[str, 
     rows = [
         json.loads(line) for line in (reference["run_dir"] / "data" / "eval.jsonl").read_text().splitlines()
     ]
-    prompts = [format_prompt(r["question"]) for r in rows]
-    assert [trained_with(p)["input_ids"] for p in prompts] == [served_with(p)["input_ids"] for p in prompts]
+    trained_chat, served_chat = chat_format(cfg, trained_with), chat_format(cfg, served_with)
+    assert trained_chat.prompt_ids(rows) == served_chat.prompt_ids(rows)
+    assert ChatFrame.load(adapter).fingerprint == trained_chat.fingerprint == served_chat.fingerprint
     assert (served_with.pad_token_id, served_with.eos_token_id) == (
         trained_with.pad_token_id,
         trained_with.eos_token_id,
@@ -178,9 +179,10 @@ def test_adapter_tokenizer_encodes_prompts_as_training_did(reference: dict[str, 
 
 @pytest.mark.slow
 def test_summary_numbers_are_consistent(reference: dict[str, Any], tiny_base: Path) -> None:
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    from tasks.plumbing.prompting import format_completion, format_prompt
+    from tasks.plumbing.chat import chat_format
+    from tasks.plumbing.loading import load_tokenizer
 
     s, cfg = reference["summary"], reference["cfg"]
     assert s["steps"] == s["max_steps"] == 12
@@ -188,13 +190,12 @@ def test_summary_numbers_are_consistent(reference: dict[str, Any], tiny_base: Pa
     assert s["epochs"] == pytest.approx(12 * 8 / TRAIN_ROWS)
     assert s["train_rows"] == TRAIN_ROWS and s["eval_rows"] == EVAL_ROWS
     # One full epoch: the trainer's non-pad token count equals the tokenizer's count of every row.
-    tok = AutoTokenizer.from_pretrained(tiny_base)
+    chat = chat_format(cfg, load_tokenizer(cfg))
     rows = [
         json.loads(line) for line in (reference["run_dir"] / "data" / "train.jsonl").read_text().splitlines()
     ]
-    expected = sum(
-        len(tok(format_prompt(r["question"]) + format_completion(r["answer"]))["input_ids"]) for r in rows
-    )
+    expected = sum(len(ids) for ids, _ in chat.encode(rows))
+    assert s["chat"]["fingerprint"] == chat.fingerprint and s["chat"]["end_of_turn"] == "</s>"
     assert s["tokens_seen"] == expected == s["tokens_seen_this_attempt"]
     # Times against a clock outside the stage: the steps are part of the stage's wall time, which is
     # part of the call's; so the step rate is at least the rate of the whole call.
@@ -424,63 +425,72 @@ def test_missing_split_is_a_user_error(tmp_path: Path) -> None:
 
 
 def test_collated_batch_masks_the_prompt_and_trains_one_eos(tiny_base: Path, tmp_path: Path) -> None:
-    """TRL's prompt/completion path with our template: prompt labels -100, EOS trained exactly once
-    at the end (TRL adds no second one), padding is <pad> (not EOS) with label -100. The ids trained
-    on are exactly those the one tokenizer loader gives for the shared prompt template, i.e. what
-    evaluate and export feed the model."""
+    """The tokenized split through TRL's collator: prompt labels -100, the end-of-turn token (EOS for the
+    tiny base's template) trained exactly once at the end, padding is <pad> (not EOS) with label -100.
+    The ids trained on are exactly the prompt ids evaluate and export generate from, then the answer's."""
     import torch
     from transformers import AutoModelForCausalLM
 
+    from tasks.plumbing.chat import chat_format
     from tasks.plumbing.device import DeviceCaps, plan_device
     from tasks.plumbing.loading import load_tokenizer
-    from tasks.plumbing.prompting import format_completion, format_prompt
-    from tasks.stages.train.data import check_collation, prompt_completion
+    from tasks.stages.train.data import check_collation, tokenized_split
     from tasks.stages.train.trainer import sft_config, trainer_class
 
     cfg = load_config(overrides=_overrides(tmp_path, tiny_base))
     tok = load_tokenizer(cfg, padding_side="right")
-    assert tok.pad_token_id != tok.eos_token_id
+    chat = chat_format(cfg, tok)
+    assert tok.pad_token_id != tok.eos_token_id and chat.stop_token_ids == (tok.eos_token_id,)
     rows = [
-        {"id": "a", "question": "What is x?", "answer": "A letter."},
+        {"id": "a", "question": "What is x?", "answer": "A letter.", "category": "c"},
         {
             "id": "b",
             "question": "What does os.path.join do with many parts?",
             "answer": "It joins them with the separator.",
+            "category": "c",
         },
     ]
+    split = tmp_path / "train.jsonl"
+    split.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    data = tokenized_split(chat, split, tmp_path / "tokenized", cfg.train.max_length)
     plan = plan_device(DeviceCaps(backend="cpu", torch_version=torch.__version__))
     args = sft_config(cfg, plan, tmp_path / "ckpt", world=1, cpu_count=1)
     model = AutoModelForCausalLM.from_pretrained(tiny_base)
     trainer = trainer_class()(
         model=model,
         args=args,
-        train_dataset=prompt_completion(rows),
+        train_dataset=data,
         processing_class=tok,
         group_by_length=True,
         plain_loss=True,
     )
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
-    served = load_tokenizer(cfg)  # evaluate's and export's: left padding, for generation
+    served = chat_format(cfg, load_tokenizer(cfg))  # evaluate's and export's: left padding, for generation
     for row in range(2):
         ids, labels, mask = batch["input_ids"][row], batch["labels"][row], batch["attention_mask"][row]
         n = int(mask.sum())
-        prompt_ids = served(format_prompt(rows[row]["question"]))["input_ids"]
+        prompt_ids = served.prompt_ids([rows[row]])[0]
         prompt_len = len(prompt_ids)
         assert ids[:prompt_len].tolist() == prompt_ids
-        whole = served(format_prompt(rows[row]["question"]) + format_completion(rows[row]["answer"]))
-        assert ids[:n].tolist() == whole["input_ids"]
+        answer = tok(
+            served.answer_prefix + rows[row]["answer"] + served.answer_suffix, add_special_tokens=False
+        )
+        assert ids[prompt_len:n].tolist() == answer["input_ids"]
         assert (labels[:prompt_len] == -100).all()
         assert (labels[prompt_len:n] == ids[prompt_len:n]).all()
         assert int(ids[n - 1]) == tok.eos_token_id and int((labels == tok.eos_token_id).sum()) == 1
         assert (ids[n:] == tok.pad_token_id).all() and (labels[n:] == -100).all()
         assert int(ids[0]) == tok.bos_token_id
-    assert check_collation(trainer, tok)["truncated_rows"] == 0
+    assert check_collation(trainer, chat)["truncated_rows"] == 0
+    # Tokenized once: a second call maps the same Arrow files instead of tokenizing again.
+    again = tokenized_split(chat, split, tmp_path / "tokenized", cfg.train.max_length)
+    assert again.cache_files == data.cache_files and again["input_ids"] == data["input_ids"]
 
-    # The check fails loudly when padding would be EOS.
+    # The check fails loudly when padding would be a stop token.
     tok.pad_token = tok.eos_token
     trainer.data_collator.pad_token_id = tok.eos_token_id
-    with pytest.raises(RuntimeError, match="equals EOS"):
-        check_collation(trainer, tok)
+    with pytest.raises(RuntimeError, match="is a stop token"):
+        check_collation(trainer, chat)
 
 
 def test_trainer_clips_the_trainable_gradients_and_counts_flops_as_transformers(
@@ -494,9 +504,10 @@ def test_trainer_clips_the_trainable_gradients_and_counts_flops_as_transformers(
     from transformers import AutoModelForCausalLM, TrainerCallback
     from trl import SFTTrainer
 
+    from tasks.plumbing.chat import chat_format
     from tasks.plumbing.device import DeviceCaps, plan_device
     from tasks.plumbing.loading import load_tokenizer
-    from tasks.stages.train.data import prompt_completion
+    from tasks.stages.train.data import tokenized_split
     from tasks.stages.train.model import lora_config
     from tasks.stages.train.trainer import sft_config, trainer_class
 
@@ -506,7 +517,10 @@ def test_trainer_clips_the_trainable_gradients_and_counts_flops_as_transformers(
         overrides=_overrides(tmp_path, tiny_base, "train.max_steps=3", f"train.max_grad_norm={max_norm}")
     )
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_base), lora_config(cfg.lora))
-    rows = [json.loads(line) for line in (tmp_path / "data" / "train.jsonl").read_text().splitlines()]
+    tokenizer = load_tokenizer(cfg, padding_side="right")
+    data = tokenized_split(
+        chat_format(cfg, tokenizer), tmp_path / "data" / "train.jsonl", tmp_path / "tok", 128
+    )
     plan = plan_device(DeviceCaps(backend="cpu", torch_version=torch.__version__))
     args = sft_config(cfg, plan, tmp_path / "ckpt", world=1, cpu_count=1)
     args.logging_steps = 1
@@ -523,8 +537,8 @@ def test_trainer_clips_the_trainable_gradients_and_counts_flops_as_transformers(
     trainer = trainer_class()(
         model=model,
         args=args,
-        train_dataset=prompt_completion(rows),
-        processing_class=load_tokenizer(cfg, padding_side="right"),
+        train_dataset=data,
+        processing_class=tokenizer,
         group_by_length=True,
         plain_loss=True,
         callbacks=[Norms()],

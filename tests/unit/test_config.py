@@ -7,8 +7,9 @@ from pathlib import Path
 import pydantic
 import pytest
 
-from tasks.core.config import DEFAULT_PARAMS, Config, load_config, parse_override, save_config
+from tasks.core.config import DEFAULT_PARAMS, Config, load_config, save_config
 from tasks.core.errors import UserError
+from tasks.core.overrides import parse_override
 
 STABLE_KEYS = [
     "data.source",

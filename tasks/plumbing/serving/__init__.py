@@ -16,10 +16,12 @@ from __future__ import annotations
 import importlib.metadata as md
 import shutil
 import tempfile
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from tasks.core.errors import UserError
+from tasks.plumbing.chat import ChatFrame
 from tasks.plumbing.ort_runtime import runtime_requirement
 from tasks.plumbing.serving.predictor import Answerer, FastTokenizer, ServingLimits
 
@@ -80,6 +82,7 @@ def save_pyfunc_model(
     import pandas as pd
 
     limits = limits or ServingLimits()
+    chat = ChatFrame.load(onnx_dir)  # the format predict renders with; checked again at every load
     path = Path(path)
     with tempfile.TemporaryDirectory(prefix="qa-lora-code-") as tmp:
         # A clean copy of the package: no bytecode caches in the model.
@@ -89,11 +92,15 @@ def save_pyfunc_model(
             path=str(path),
             python_model=str(ENTRY),
             code_paths=[str(code)],
-            model_config=limits.to_dict(),
+            model_config={**limits.to_dict(), "chat_fingerprint": chat.fingerprint},
             signature=signature(limits),
             input_example=pd.DataFrame({"question": [EXAMPLE_QUESTION]}),
             pip_requirements=pip_requirements(),
-            metadata={"qa_lora_serving_limits": limits.to_dict(), "qa_lora_runtime": "onnxruntime"},
+            metadata={
+                "qa_lora_serving_limits": limits.to_dict(),
+                "qa_lora_runtime": "onnxruntime",
+                "qa_lora_chat": {k: v for k, v in asdict(chat).items() if k != "material"},
+            },
         )
     _point_at_onnx(path)
     if copy_onnx:

@@ -69,13 +69,12 @@ def measure(onnx_dir: Path, questions: Sequence[str], max_new_tokens: int, provi
     """The figures for `onnx_dir`, measured in this process (call it in a fresh one)."""
     import numpy as np
 
-    from tasks.plumbing.prompting import format_prompt
     from tasks.plumbing.serving.predictor import Answerer
 
     t = time.perf_counter()
     generator = Answerer(onnx_dir, provider=provider).generator
     load_s = time.perf_counter() - t
-    prompts = [format_prompt(q) for q in questions]
+    prompts = [generator.chat.prompt(q) for q in questions]
     generator.generate(prompts[:1], max_new_tokens=max_new_tokens)  # warm-up: first-call set-up
     latencies, tokens_b1 = [], 0
     for prompt in prompts:

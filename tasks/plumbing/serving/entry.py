@@ -57,7 +57,11 @@ class QaLoraOnnxModel(PythonModel):
     def load_context(self, context: Any) -> None:
         """Open the ONNX session and tokenizer from the model's `onnx` artifact."""
         limits = ServingLimits.from_dict(context.model_config)
-        self.answerer = Answerer(context.artifacts[ONNX_ARTIFACT], limits=limits)
+        self.answerer = Answerer(
+            context.artifacts[ONNX_ARTIFACT],
+            limits=limits,
+            chat_fingerprint=(context.model_config or {}).get("chat_fingerprint"),
+        )
 
     # `model_input` is annotated with a type MLflow derives no signature from (the signature is given
     # explicitly when the model is saved); left bare, MLflow warns "Add type hints" at every load.

@@ -17,8 +17,7 @@ from typing import Any
 import numpy as np
 
 from tasks.core.errors import UserError
-from tasks.plumbing.onnx_generate import OnnxGenerator
-from tasks.plumbing.prompting import format_prompt
+from tasks.plumbing.onnx_generate import LAYOUT_FILE, OnnxGenerator
 
 TOKENIZER_FILE = "tokenizer.json"
 
@@ -45,45 +44,57 @@ class ServingLimits:
 class FastTokenizer:
     """The slice of a transformers tokenizer that :class:`OnnxGenerator` calls, over `tokenizers` alone.
 
-    Encoding uses the saved `tokenizer.json` as is (its post-processor adds BOS, as transformers does);
-    batches are left-padded with the export's pad token id (`onnx_layout.json`).
+    Prompts are rendered by the chat format, special tokens included, so encoding adds none; batches
+    are left-padded with the export's pad token id (`onnx_layout.json`).
     """
 
     def __init__(self, path: Path, pad_token_id: int) -> None:
         from tokenizers import Tokenizer
 
         self._tok = Tokenizer.from_file(str(path))
-        self._tok.no_padding()
         self._tok.no_truncation()
+        self._tok.enable_padding(direction="left", pad_id=pad_token_id)
         self.pad_token_id = pad_token_id
         self.padding_side = "left"
 
     def __call__(
-        self, texts: Sequence[str], padding: bool = True, return_tensors: str = "np"
+        self,
+        texts: Sequence[str],
+        padding: bool = True,
+        return_tensors: str = "np",
+        add_special_tokens: bool = False,
     ) -> dict[str, Any]:
-        """Left-padded `input_ids` and `attention_mask` (numpy int64) for a batch of texts."""
-        ids = [e.ids for e in self._tok.encode_batch(list(texts))]
-        width = max(len(row) for row in ids)
-        input_ids = np.full((len(ids), width), self.pad_token_id, dtype=np.int64)
-        mask = np.zeros((len(ids), width), dtype=np.int64)
-        for i, row in enumerate(ids):
-            if row:
-                input_ids[i, width - len(row) :] = row
-                mask[i, width - len(row) :] = 1
-        return {"input_ids": input_ids, "attention_mask": mask}
+        """Left-padded `input_ids` and `attention_mask` (numpy int64) for a batch of rendered prompts."""
+        encoded = self._tok.encode_batch(list(texts), add_special_tokens=add_special_tokens)
+        return {
+            "input_ids": np.array([e.ids for e in encoded], dtype=np.int64),
+            "attention_mask": np.array([e.attention_mask for e in encoded], dtype=np.int64),
+        }
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._tok.token_to_id(token)
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
 
 class Answerer:
-    """Greedy answers to plain questions (the prompt template applied here), within :class:`ServingLimits`."""
+    """Greedy answers to plain questions (rendered by the export's chat format), within :class:`ServingLimits`.
+
+    Refuses an export whose chat format is not the one the model was registered with (`chat_fingerprint`),
+    or whose tokenizer maps the format's special tokens to other ids: its prompts and stop tokens would
+    not be the ones the model was trained on.
+    """
 
     def __init__(
-        self, onnx_dir: str | Path, limits: ServingLimits | None = None, provider: str = "auto"
+        self,
+        onnx_dir: str | Path,
+        limits: ServingLimits | None = None,
+        provider: str = "auto",
+        chat_fingerprint: str | None = None,
     ) -> None:
         onnx_dir = Path(onnx_dir)
-        layout_path = onnx_dir / "onnx_layout.json"
+        layout_path = onnx_dir / LAYOUT_FILE
         tok_path = onnx_dir / TOKENIZER_FILE
         for path in (layout_path, tok_path):
             if not path.is_file():
@@ -91,6 +102,7 @@ class Answerer:
         pad = json.loads(layout_path.read_text(encoding="utf-8"))["pad_token_id"]
         self.tokenizer = FastTokenizer(tok_path, int(pad))
         self.generator = OnnxGenerator(onnx_dir, provider=provider, tokenizer=self.tokenizer)
+        self.generator.chat.check_tokenizer(self.tokenizer.token_to_id, onnx_dir, chat_fingerprint)
         self.limits = limits or ServingLimits()
 
     def check(self, questions: Sequence[Any], max_new_tokens: int) -> None:
@@ -128,5 +140,5 @@ class Answerer:
         """
         budget = self.limits.default_max_new_tokens if max_new_tokens is None else int(max_new_tokens)
         self.check(questions, budget)
-        prompts = [format_prompt(q) for q in questions]
+        prompts = [self.generator.chat.prompt(q) for q in questions]
         return self.generator.generate(prompts, max_new_tokens=budget).texts

@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from tasks.core.config import Config
+from tasks.plumbing.chat import ChatFormat, chat_format
 from tasks.plumbing.loading import hub_kwargs, load_tokenizer
-from tasks.plumbing.prompting import format_completion, format_prompt
 from tasks.stages.evaluate.metrics import score_row
 
 log = logging.getLogger("qa_lora.evaluate")
@@ -81,10 +81,11 @@ def score_model(
     e = cfg.eval
     t0 = time.perf_counter()
     model, tokenizer = load_model(cfg, spec, device, dtype)
+    chat = chat_format(cfg, tokenizer)
     t1 = time.perf_counter()
-    losses = answer_losses(model, tokenizer, rows, e.batch_size, device)
+    losses = answer_losses(model, chat, rows, e.batch_size, device)
     t2 = time.perf_counter()
-    generations = generate(model, tokenizer, rows, e.batch_size, e.max_new_tokens, device)
+    generations = generate(model, chat, rows, e.batch_size, e.max_new_tokens, device)
     t3 = time.perf_counter()
     del model
     gc.collect()
@@ -148,17 +149,14 @@ def load_model(cfg: Config, spec: ModelSpec, device: str, dtype: str) -> tuple[A
     return model, tokenizer
 
 
-def _answer_sequences(tokenizer: Any, rows: Sequence[Mapping[str, str]]) -> list[tuple[list[int], int]]:
-    """Per row, (prompt + answer token ids, where the answer starts).
+def _answer_sequences(chat: ChatFormat, rows: Sequence[Mapping[str, Any]]) -> list[tuple[list[int], int]]:
+    """Per row, (the rendered example's token ids, where the last answer starts).
 
-    The answer starts where the tokenized prompt and the tokenized prompt+completion diverge, as TRL's
-    SFTTrainer builds the completion mask for prompt/completion data.
+    The answer starts where the tokenized prompt and the tokenized example diverge, as TRL's SFTTrainer
+    builds the completion mask for prompt/completion data; it runs to the end-of-turn token.
     """
     seqs: list[tuple[list[int], int]] = []
-    for row in rows:
-        prompt = format_prompt(row["question"])
-        p_ids = tokenizer(prompt)["input_ids"]
-        full = tokenizer(prompt + format_completion(row["answer"]))["input_ids"]
+    for (full, _), p_ids in zip(chat.encode(rows), chat.prompt_ids(rows), strict=True):
         common = 0
         for a, b in zip(p_ids, full, strict=False):
             if a != b:
@@ -169,20 +167,21 @@ def _answer_sequences(tokenizer: Any, rows: Sequence[Mapping[str, str]]) -> list
 
 
 def answer_losses(
-    model: Any, tokenizer: Any, rows: Sequence[Mapping[str, str]], batch_size: int, device: str
+    model: Any, chat: ChatFormat, rows: Sequence[Mapping[str, str]], batch_size: int, device: str
 ) -> list[tuple[float, int]]:
     """(sum of NLL, number of tokens) over each row's answer tokens, teacher-forced.
 
-    The loss here is the training loss on held-out rows (the answer text and its EOS, never the prompt).
+    The loss here is the training loss on held-out rows (the answer text and its end-of-turn token, never
+    the prompt).
     Batches are right-padded; rows are sorted by length so a batch wastes little padding.
     """
     import torch
     import torch.nn.functional as F
 
-    seqs = _answer_sequences(tokenizer, rows)
+    seqs = _answer_sequences(chat, rows)
     out: list[tuple[float, int]] = [(0.0, 0)] * len(rows)
     order = sorted(range(len(rows)), key=lambda i: -len(seqs[i][0]))
-    pad = tokenizer.pad_token_id
+    pad = chat.tokenizer.pad_token_id
     with torch.inference_mode():
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
@@ -208,25 +207,27 @@ def answer_losses(
 
 def generate(
     model: Any,
-    tokenizer: Any,
+    chat: ChatFormat,
     rows: Sequence[Mapping[str, str]],
     batch_size: int,
     max_new_tokens: int,
     device: str,
 ) -> list[dict[str, Any]]:
-    """Greedy answers, batched with left padding (prompts sorted by length), KV cache on.
+    """Greedy answers, batched with left padding (prompts sorted by length), KV cache on; a row stops at
+    any of the chat format's stop tokens (its end-of-turn token, EOS).
 
     Returns:
-        Per row {"prediction" (text before EOS), "ended_with_eos", "gen_tokens"}, in the rows' order.
+        Per row {"prediction" (text before the stop token), "ended_with_eos" (it stopped), "gen_tokens"},
+        in the rows' order.
     """
     import torch
     from transformers import GenerationConfig
 
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    tokenizer, stops, pad = chat.tokenizer, list(chat.stop_token_ids), chat.tokenizer.pad_token_id
     gen_cfg = GenerationConfig(
-        max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=pad, use_cache=True
+        max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stops, pad_token_id=pad, use_cache=True
     )
-    prompts = [tokenizer(format_prompt(r["question"]))["input_ids"] for r in rows]
+    prompts = chat.prompt_ids(rows)
     order = sorted(range(len(rows)), key=lambda i: -len(prompts[i]))
     out: list[dict[str, Any]] = [{}] * len(rows)
     with torch.inference_mode():
@@ -243,12 +244,13 @@ def generate(
                 input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=gen_cfg
             )
             for j, i in enumerate(idx):
-                out[i] = _decoded(tokenizer, seqs[j, width:].cpu().tolist(), eos)
+                out[i] = _decoded(tokenizer, seqs[j, width:].cpu().tolist(), stops)
     return out
 
 
-def _decoded(tokenizer: Any, tokens: list[int], eos: int) -> dict[str, Any]:
-    ended = eos in tokens
-    tokens = tokens[: tokens.index(eos)] if ended else tokens
+def _decoded(tokenizer: Any, tokens: list[int], stops: list[int]) -> dict[str, Any]:
+    at = next((k for k, t in enumerate(tokens) if t in stops), None)
+    ended = at is not None
+    tokens = tokens[:at] if ended else tokens
     text = tokenizer.decode(tokens, skip_special_tokens=True).strip()
     return {"prediction": text, "ended_with_eos": ended, "gen_tokens": len(tokens)}

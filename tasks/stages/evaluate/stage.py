@@ -13,7 +13,7 @@ cannot be read is an error, never "no champion": evaluating without the champion
 through.
 
 Per-model results are cached under `eval.cache_dir`, keyed by the model's content fingerprint (base
-weights, adapter, or the champion's merged weights), a hash of the eval rows, the prompt template and
+weights, adapter, or the champion's merged weights), a hash of the eval rows, the chat format and
 the generation settings, so the base and the champion are not re-scored every run.
 """
 
@@ -32,10 +32,10 @@ from tasks.core.config import Config
 from tasks.core.errors import UserError
 from tasks.core.layout import RunLayout
 from tasks.core.reuse import fingerprint, reusable
-from tasks.plumbing.dataio import read_split
-from tasks.plumbing.loading import resolve_base
-from tasks.plumbing.prompting import format_completion, format_prompt
+from tasks.plumbing.chat import ChatFormat, chat_format, check_same_format
+from tasks.plumbing.loading import load_tokenizer, resolve_base
 from tasks.plumbing.registry import fetched_champion
+from tasks.plumbing.splits import read_split
 from tasks.stages.evaluate.metrics import aggregate, decide_gate
 from tasks.stages.evaluate.outputs import model_cis, write_outputs
 from tasks.stages.evaluate.records import MODELS, Evaluation, finite
@@ -45,7 +45,8 @@ log = logging.getLogger("qa_lora.evaluate")
 
 # Bump when a change here changes per-row results (scoring, decoding, tokenizing): older entries are
 # ignored. 2: the one tokenizer loader and its pad rule; entries keyed by tasks.core.reuse.fingerprint.
-CACHE_VERSION = "2"
+# 3: prompts rendered by the chat template, generation stops at its end-of-turn token.
+CACHE_VERSION = "3"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".json", ".model", ".txt", ".jinja")
 
 
@@ -148,6 +149,10 @@ def _evaluate(
     started: float,
 ) -> dict[str, Any]:
     """Score the models, apply the gate, write eval/; the stage's result."""
+    chat = chat_format(cfg, load_tokenizer(cfg))
+    check_same_format(
+        layout.adapter_dir, chat
+    )  # the candidate renders as the base does, or nothing is scored
     specs = _model_specs(cfg, layout, champion)
     timings: dict[str, float] = {}
     cache_state: dict[str, str] = {}
@@ -155,7 +160,9 @@ def _evaluate(
     device, dtype = plan_eval_device(cfg, _train_summary(layout))
     log.info("scoring on %s in %s", device, dtype)
     for spec in specs:
-        results[spec.role], cache_state[spec.role] = _reuse_or_score(cfg, spec, rows, device, dtype, timings)
+        results[spec.role], cache_state[spec.role] = _reuse_or_score(
+            cfg, spec, rows, chat, (device, dtype), timings
+        )
 
     gate = _apply_gate(cfg, results, champion)
     summary = {m: (aggregate(r) if r is not None else None) for m, r in results.items()}
@@ -186,25 +193,26 @@ def _reuse_or_score(
     cfg: Config,
     spec: ModelSpec,
     rows: list[dict[str, str]],
-    device: str,
-    dtype: str,
+    chat: ChatFormat,
+    on: tuple[str, str],
     timings: dict[str, float],
 ) -> tuple[list[dict[str, Any]], str]:
     """One model's per-row results: reused from `eval.cache_dir` when its fingerprint matches, else scored.
 
     The fingerprint covers everything that decides the per-row results: the model's and the adapter's
-    content, the eval rows, the prompt template, the generation settings, the device and dtype.
+    content, the eval rows, the chat format, the generation settings, the device and dtype (`on`).
 
     Returns:
         (results, cache state): "hit" (reused), "miss" (scored and stored) or "off" (no cache).
     """
     cache_root = _cache_root(cfg)
+    device, dtype = on
     material = {
         "cache_version": CACHE_VERSION,
         "model": _model_fingerprint(spec.src, cfg, cache_root),
         "adapter": _model_fingerprint(str(spec.adapter), cfg, cache_root) if spec.adapter else None,
         "data": hashlib.sha256(json.dumps(rows, sort_keys=True, ensure_ascii=False).encode()).hexdigest(),
-        "template": format_prompt("{q}") + format_completion("{a}"),
+        "chat": chat.fingerprint,
         "max_new_tokens": cfg.eval.max_new_tokens,
         "batch_size": cfg.eval.batch_size,  # padding changes floating-point sums, rarely tokens: key on it
         "device": device,

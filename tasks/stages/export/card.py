@@ -6,6 +6,7 @@ with its credentials masked (redact_uri).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,7 @@ def render_model_card(cfg: Config, run_dir: Path, summary: Mapping[str, Any], ga
         "",
         *_lineage(cfg, layout, summary),
         "",
-        *_parameters(cfg, layout),
+        *_parameters(cfg, layout, summary),
         "",
         *_evaluation(layout, gate),
         "",
@@ -63,7 +64,7 @@ def _lineage(cfg: Config, layout: RunLayout, summary: Mapping[str, Any]) -> list
     ]
 
 
-def _parameters(cfg: Config, layout: RunLayout) -> list[str]:
+def _parameters(cfg: Config, layout: RunLayout, summary: Mapping[str, Any]) -> list[str]:
     # The adapter's own config is what was trained; params.yaml only says what was asked for.
     adapter = _maybe_json(layout.adapter_dir / "adapter_config.json") or {}
     targets = adapter.get("target_modules")
@@ -83,7 +84,18 @@ def _parameters(cfg: Config, layout: RunLayout) -> list[str]:
         f"- Training: epochs={train.num_train_epochs}, max_steps={train.max_steps}, lr={train.learning_rate}, "
         f"schedule={train.lr_scheduler_type}, batch={train.per_device_train_batch_size}x{train.gradient_accumulation_steps}, "
         f"max_length={train.max_length}, seed={train.seed}",
-        "- Prompt template: `<s>[INST] {question} [/INST]`; the answer ends with `</s>`",
+        *_chat(summary.get("chat") or {}),
+    ]
+
+
+def _chat(chat: Mapping[str, Any]) -> list[str]:
+    """The chat format the model was trained in (the base's template or a built-in one) and its fingerprint."""
+    if not chat:
+        return ["- Chat format: not recorded"]
+    example = json.dumps(chat.get("example", ""), ensure_ascii=False)
+    return [
+        f"- Chat format: the {chat.get('template')} chat template (fingerprint `{chat.get('fingerprint')}`), "
+        f"end of turn `{chat.get('end_of_turn')}`; one exchange renders as {example}",
     ]
 
 
@@ -176,7 +188,8 @@ _USE_AND_LOADING = [
     "from transformers import AutoModelForCausalLM, AutoTokenizer",
     'tok = AutoTokenizer.from_pretrained("merged")',
     'model = AutoModelForCausalLM.from_pretrained("merged")',
-    'enc = tok(["[INST] What does zip() return? [/INST]"], return_tensors="pt")',
+    'messages = [{"role": "user", "content": "What does zip() return?"}]',
+    'enc = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)',
     "out = model.generate(**enc, max_new_tokens=64, do_sample=False)",
     'print(tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True))',
     "```",
@@ -184,9 +197,8 @@ _USE_AND_LOADING = [
     "auto: MIGraphX, ROCm, CUDA, CPU):",
     "```python",
     "from tasks.plumbing.onnx_generate import load_onnx_generator",
-    "from tasks.plumbing.prompting import format_prompt",
     'gen = load_onnx_generator("onnx")',
-    'print(gen.generate([format_prompt("What does zip() return?")], max_new_tokens=64).texts[0])',
+    'print(gen.generate([gen.chat.prompt("What does zip() return?")], max_new_tokens=64).texts[0])',
     "```",
     "",
 ]

@@ -19,13 +19,14 @@ class ExportParityError(UserError):
     """The exported model does not reproduce the PyTorch model within tolerance; nothing was exported."""
 
 
-def generation_config(cfg: Config, tokenizer: Any) -> Any:
-    """The greedy `GenerationConfig` saved with the export (special tokens from the tokenizer)."""
+def generation_config(cfg: Config, tokenizer: Any, stops: tuple[int, ...]) -> Any:
+    """The greedy `GenerationConfig` saved with the export: it stops at the chat format's stop tokens (the
+    template's end-of-turn token and EOS), as hub chat models list theirs."""
     from transformers import GenerationConfig
 
     return GenerationConfig(
         bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
+        eos_token_id=stops[0] if len(stops) == 1 else list(stops),
         pad_token_id=tokenizer.pad_token_id,
         do_sample=False,
         max_new_tokens=cfg.eval.max_new_tokens,
@@ -91,12 +92,19 @@ def torch_greedy(model: Any, ids: Any, mask: Any, gen_config: Any, max_new_token
             return_dict_in_generate=True,
         )
     new = out.sequences[:, ids.shape[1] :].cpu().numpy()
-    eos = gen_config.eos_token_id
+    stops = gen_config.eos_token_id
+    stops = set(stops) if isinstance(stops, list) else {stops}
     return {
         "prefill_logits": prefill.float().cpu().numpy(),
         "step_logits": np.stack([s.float().cpu().numpy() for s in out.logits]),
-        "token_ids": [row[: row.index(eos) + 1] if eos in row else row for row in new.tolist()],
+        "token_ids": [_upto_stop(row, stops) for row in new.tolist()],
     }
+
+
+def _upto_stop(tokens: list[int], stops: set[int]) -> list[int]:
+    """The tokens up to and including the first stop token."""
+    at = next((k for k, t in enumerate(tokens) if t in stops), None)
+    return tokens if at is None else tokens[: at + 1]
 
 
 def compare_outputs(ref: Mapping[str, Any], got: Mapping[str, Any], mask: Any) -> dict[str, Any]:

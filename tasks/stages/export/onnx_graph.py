@@ -15,9 +15,9 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from tasks.plumbing.chat import ChatFormat
 from tasks.plumbing.onnx_generate import LAYOUT_FILE, LAYOUT_FORMAT, OnnxGenerator
 from tasks.plumbing.ort_runtime import ProviderChoice, cpu_choice, create_session
-from tasks.plumbing.prompting import format_prompt
 from tasks.stages.export.merge import ExportParityError, compare_outputs
 
 ONNX_GRAPH = "model.onnx"
@@ -26,8 +26,9 @@ _STANDARD_INPUTS = ("input_ids", "attention_mask", "position_ids")
 _CACHE_NAME = re.compile(r"layers\.(\d+)\.(keys|values)$")
 
 
-def export_onnx(model: Any, tokenizer: Any, gen_config: Any, out_dir: Path, opset: int) -> dict[str, Any]:
-    """One decoder graph with past/present KV cache, dynamic batch and sequence, + tokenizer + layout.
+def export_onnx(model: Any, chat: ChatFormat, gen_config: Any, out_dir: Path, opset: int) -> dict[str, Any]:
+    """One decoder graph with past/present KV cache, dynamic batch and sequence, + tokenizer, chat format
+    (chat_format.json: the prompt frame and stop tokens a server renders with) + layout.
 
     `transformers.exporters` captures the forward calls of a real `generate()`; with
     `multi_token_decode` its decode component keeps the query axis symbolic, so the same graph runs the
@@ -36,7 +37,7 @@ def export_onnx(model: Any, tokenizer: Any, gen_config: Any, out_dir: Path, opse
 
     Args:
         model: the merged fp32 model (on CPU).
-        tokenizer: its tokenizer (left padding), saved beside the graph.
+        chat: the chat format of its tokenizer (left padding); both saved beside the graph.
         gen_config: the greedy generation config, saved beside the graph.
         out_dir: the export's onnx/ directory (created).
         opset: `export.opset`.
@@ -48,7 +49,9 @@ def export_onnx(model: Any, tokenizer: Any, gen_config: Any, out_dir: Path, opse
     from transformers.exporters.utils import decompose_prefill_decode
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    sample = dict(tokenizer([format_prompt(q) for q in _SAMPLE_QUESTIONS], padding=True, return_tensors="pt"))
+    tokenizer = chat.tokenizer
+    prompts = [chat.prompt(q) for q in _SAMPLE_QUESTIONS]
+    sample = dict(tokenizer(prompts, padding=True, return_tensors="pt", add_special_tokens=False))
     stages = decompose_prefill_decode(model, sample, generation_config=gen_config, multi_token_decode=True)
     decode_model, decode_inputs = stages["decode"]
     with quiet():
@@ -61,24 +64,26 @@ def export_onnx(model: Any, tokenizer: Any, gen_config: Any, out_dir: Path, opse
     model.config.save_pretrained(str(out_dir))
     gen_config.save_pretrained(str(out_dir))
     tokenizer.save_pretrained(str(out_dir))
+    chat.frame().save(out_dir)
 
     # The layout is read back from the saved graph (on the CPU provider: it only lists names).
     session, _ = create_session(out_dir / ONNX_GRAPH, cpu_choice(["CPUExecutionProvider"], "layout"))
     names = ([i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()])
     del session
-    layout = graph_layout(*names, model.config, tokenizer, opset)
+    layout = graph_layout(*names, model.config, chat, opset)
     (out_dir / LAYOUT_FILE).write_text(json.dumps(layout, indent=2) + "\n", encoding="utf-8")
     return layout
 
 
 def graph_layout(
-    inputs: Sequence[str], outputs: Sequence[str], config: Any, tokenizer: Any, opset: int
+    inputs: Sequence[str], outputs: Sequence[str], config: Any, chat: ChatFormat, opset: int
 ) -> dict[str, Any]:
     """The `onnx_layout.json` content from the graph's input and output names and the model config.
 
     Raises:
         RuntimeError: the graph lacks a standard input or logits, or its cache tensors do not pair up.
     """
+    tokenizer = chat.tokenizer
     cache = _cache_pairs(inputs, outputs, int(config.num_hidden_layers))
     heads = int(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
     head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
@@ -97,6 +102,7 @@ def graph_layout(
         "vocab_size": int(config.vocab_size),
         "bos_token_id": tokenizer.bos_token_id,
         "eos_token_id": tokenizer.eos_token_id,
+        "stop_token_ids": list(chat.stop_token_ids),  # the template's end-of-turn token, EOS
         "pad_token_id": tokenizer.pad_token_id,
         "padding_side": "left",
         "usage": (

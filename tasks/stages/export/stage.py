@@ -37,6 +37,7 @@ from typing import Any
 from tasks.core.artifacts import atomic_dir
 from tasks.core.config import Config
 from tasks.core.layout import RunLayout, read_gate
+from tasks.plumbing.chat import ChatFormat, chat_format, check_same_format
 from tasks.plumbing.loading import load_tokenizer, resolve_base
 from tasks.plumbing.ort_runtime import (
     ProviderChoice,
@@ -45,7 +46,6 @@ from tasks.plumbing.ort_runtime import (
     import_onnxruntime,
     probe_provider,
 )
-from tasks.plumbing.prompting import format_prompt
 from tasks.plumbing.registry import fetched_champion
 from tasks.stages.export.card import render_model_card
 from tasks.stages.export.memory import plan_export_memory
@@ -141,7 +141,7 @@ class _Batch:
     prompts: list[str]
     ids: Any
     mask: Any
-    tokenizer: Any
+    chat: ChatFormat  # of the adapter's tokenizer, which the export ships
     gen_config: Any
 
 
@@ -164,7 +164,7 @@ def _build(job: _Job, tmp: Path, t_start: float) -> dict[str, Any]:
 
     t = time.perf_counter()
     onnx_dir = tmp / job.layout.onnx_dir.name
-    graph = export_onnx(merged, batch.tokenizer, batch.gen_config, onnx_dir, cfg.export.opset)
+    graph = export_onnx(merged, batch.chat, batch.gen_config, onnx_dir, cfg.export.opset)
     timings["export_onnx_s"] = time.perf_counter() - t
     log.info("export: ONNX graph written in %.1fs", timings["export_onnx_s"])
     del merged
@@ -203,12 +203,14 @@ def _serving_cost(job: _Job, onnx_dir: Path) -> dict[str, Any]:
 
 
 def _encode(cfg: Config, job: _Job) -> _Batch:
+    """The parity prompts rendered by the chat format, after checking the adapter was trained in it."""
+    check_same_format(job.layout.adapter_dir, chat_format(cfg, load_tokenizer(cfg)))
     tokenizer = load_tokenizer(cfg, job.layout.adapter_dir, padding_side="left")
-    prompts = [format_prompt(q) for q in job.questions]
-    enc = tokenizer(prompts, padding=True, return_tensors="pt")
-    return _Batch(
-        prompts, enc["input_ids"], enc["attention_mask"], tokenizer, generation_config(cfg, tokenizer)
-    )
+    chat = chat_format(cfg, tokenizer)
+    prompts = [chat.prompt(q) for q in job.questions]
+    enc = tokenizer(prompts, padding=True, return_tensors="pt", add_special_tokens=False)
+    gen_config = generation_config(cfg, tokenizer, chat.stop_token_ids)
+    return _Batch(prompts, enc["input_ids"], enc["attention_mask"], chat, gen_config)
 
 
 def _merge_and_save(job: _Job, batch: _Batch, device: str, tmp: Path) -> tuple[Any, dict[str, Any]]:
@@ -227,7 +229,8 @@ def _merge_and_save(job: _Job, batch: _Batch, device: str, tmp: Path) -> tuple[A
     merged_dir = tmp / job.layout.merged_dir.name
     merged.generation_config = batch.gen_config
     merged.save_pretrained(str(merged_dir))
-    batch.tokenizer.save_pretrained(str(merged_dir))
+    batch.chat.tokenizer.save_pretrained(str(merged_dir))
+    batch.chat.frame().save(merged_dir)
     return merged, parity
 
 
@@ -262,6 +265,7 @@ def _summary(
             "revision": cfg.base.revision,
         },
         "adapter": str(job.layout.adapter_dir),
+        "chat": batch.chat.describe(),
         "params_hash": cfg.params_hash(),
         "opset": cfg.export.opset,
         "dtype": "float32",

@@ -16,8 +16,8 @@ from tasks.core.artifacts import read_json
 from tasks.core.config import Config
 from tasks.core.errors import UserError
 from tasks.core.layout import RunLayout
-from tasks.plumbing.dataio import read_split
 from tasks.plumbing.onnx_generate import LAYOUT_FILE
+from tasks.plumbing.splits import read_split
 from tasks.stages.export.onnx_graph import ONNX_GRAPH
 
 # Bump when a change here changes what an export contains: a stored export made by older code is redone.

@@ -71,6 +71,8 @@ def build_lineage(cfg: Config, layout: RunLayout, gate: dict[str, Any]) -> dict[
         f"{TAG}base_model": cfg.base.name_or_path,
         f"{TAG}base_revision": cfg.base.revision or "",
         f"{TAG}adapter_sha256": adapter_sha,
+        f"{TAG}chat_fingerprint": str(_export_chat(layout).get("fingerprint", "")),
+        f"{TAG}chat_template": str(_export_chat(layout).get("template", "")),
         f"{TAG}gate.decision": str(gate.get("decision", "pass")),
         f"{TAG}gate.primary_metric": str(gate.get("primary_metric", cfg.gate.primary_metric)),
         f"{TAG}gate.champion_version": norm_version(gate.get("champion_version")) or "none",
@@ -80,6 +82,12 @@ def build_lineage(cfg: Config, layout: RunLayout, gate: dict[str, Any]) -> dict[
     for key, value in serving_figures(layout).items():
         tags[f"{TAG}serving.{key}"] = f"{value:.6g}"
     return {key: redact(value) for key, value in tags.items()}
+
+
+def _export_chat(layout: RunLayout) -> dict[str, Any]:
+    """The chat format the export recorded (export_summary.json `chat`), or {}."""
+    summary = read_json(layout.export_summary) if layout.export_summary.is_file() else {}
+    return summary.get("chat") or {}
 
 
 def key_metrics(gate: dict[str, Any]) -> dict[str, float]:

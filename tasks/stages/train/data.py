@@ -1,28 +1,111 @@
-"""Training data: prompt/completion rows, the seeded length-grouped sampler, the collated-batch check.
+"""Training data: the splits tokenized once into memory-mapped Arrow datasets, the seeded length-grouped
+sampler, the collated-batch check.
 
-run_dir/data/{train,eval}.jsonl rows become prompt/completion pairs rendered by tasks.plumbing.prompting.
-TRL then masks the prompt (completion_only_loss) and the completion ends with EOS, so the model learns to
-stop; padding uses a separate pad token, never EOS. :func:`check_collation` inspects one collated batch
-before training to prove both.
+run_dir/data/{train,eval}.jsonl rows are rendered with the base's chat template (tasks/plumbing/chat.py)
+and tokenized in batches into `input_ids` and `labels` (-100 everywhere but the assistant turns: each
+answer and its end-of-turn token), truncated to `train.max_length`. The result is an Arrow dataset on
+disk under run_dir/train/tokenized/, keyed by the split file's hash, the chat format and the settings, so
+a retry or a resumed run maps it back instead of tokenizing again, and no step holds the rows as Python
+objects. The in-training evaluation uses a bounded sample of the eval split (`eval.max_rows` rows chosen
+by a hash of their id: the same rows every run). :func:`check_collation` inspects one collated batch
+before training to prove the masking.
 """
 
 from __future__ import annotations
 
+import hashlib
+import heapq
+import json
 import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
-from tasks.plumbing.prompting import format_completion, format_prompt
+from tasks.core.reuse import fingerprint
+from tasks.plumbing.chat import ChatFormat
+from tasks.plumbing.splits import read_split_rows
 
 log = logging.getLogger("qa_lora.train")
 
+DATA_VERSION = 1  # bump when the tokenized layout changes: older caches are not reused
+ENCODE_BATCH = 1000
+_PARALLEL_ROWS = 50_000  # below this, worker processes cost more than they save
 
-def prompt_completion(rows: list[dict[str, str]]) -> Any:
-    """Rows -> a datasets.Dataset in TRL's prompt/completion format (the completion ends with EOS)."""
-    from datasets import Dataset
 
-    return Dataset.from_list(
-        [{"prompt": format_prompt(r["question"]), "completion": format_completion(r["answer"])} for r in rows]
+def tokenized_split(
+    chat: ChatFormat, path: Path, cache_dir: Path, max_length: int, sample: int | None = None
+) -> Any:
+    """The split at `path` as a memory-mapped `datasets.Dataset` of `input_ids` and `labels`.
+
+    Args:
+        chat: the chat format of the base (renders, masks, tokenizes).
+        path: a split file (run_dir/data/train.jsonl or eval.jsonl).
+        cache_dir: where the Arrow files live (run_dir/train/tokenized); reused when the key matches.
+        max_length: sequences are cut to this many tokens (validation drops longer rows).
+        sample: at most this many rows, chosen by a hash of their id (None: every row).
+    """
+    from datasets import Dataset, Features, Value
+
+    key = fingerprint(
+        {"chat": chat.fingerprint, "max_length": max_length, "sample": sample, "v": DATA_VERSION}, [path]
     )
+    features = Features({"question": Value("string"), "answer": Value("string"), "system": Value("string"),
+                         "history": Value("string")})  # fmt: skip
+    rows = Dataset.from_generator(
+        _rows, features=features, gen_kwargs={"path": str(path), "sample": sample, "key": key},
+        cache_dir=str(cache_dir),
+    )  # fmt: skip
+    workers = min(4, os.cpu_count() or 1) if len(rows) >= _PARALLEL_ROWS else None
+    return rows.map(
+        _encode_batch,
+        batched=True,
+        batch_size=ENCODE_BATCH,
+        fn_kwargs={"chat": chat, "max_length": max_length},
+        remove_columns=rows.column_names,
+        new_fingerprint=key,
+        num_proc=workers,
+        desc=f"tokenizing {path.name}",
+    )
+
+
+def _rows(path: str, sample: int | None, key: str) -> Iterator[dict[str, str | None]]:
+    """Split rows for Arrow (history as JSON text); `key` only names the cache entry."""
+    del key
+    rows: Any = read_split_rows(Path(path))
+    if sample is not None:
+        rows = heapq.nsmallest(sample, rows, key=lambda r: hashlib.sha256(r["id"].encode()).digest())
+    for row in rows:
+        history = row.get("history")
+        yield {
+            "question": row["question"],
+            "answer": row["answer"],
+            "system": row.get("system"),
+            "history": json.dumps(history, ensure_ascii=False) if history else None,
+        }
+
+
+def _encode_batch(batch: dict[str, list[Any]], chat: ChatFormat, max_length: int) -> dict[str, list[Any]]:
+    rows = [
+        {"question": q, "answer": a, "system": s, "history": json.loads(h) if h else None}
+        for q, a, s, h in zip(
+            batch["question"], batch["answer"], batch["system"], batch["history"], strict=True
+        )
+    ]
+    encoded = chat.encode(rows)
+    return {
+        "input_ids": [ids[:max_length] for ids, _ in encoded],
+        "labels": [
+            [t if m else -100 for t, m in zip(ids, mask, strict=True)][:max_length] for ids, mask in encoded
+        ],
+    }
+
+
+def sequence_lengths(data: Any) -> Any:
+    """Token count per row (numpy), read from the Arrow offsets without materialising the rows."""
+    import pyarrow.compute as pc
+
+    return pc.list_value_length(_column(data, "input_ids")).to_numpy()
 
 
 class EpochSampler:
@@ -74,8 +157,27 @@ class EpochSampler:
         return iter([i for batch in batches + tail for i in batch])
 
 
-def check_collation(trainer: Any, tokenizer: Any) -> dict[str, Any]:
-    """Inspect the prepared data and one collated batch: prompt masked, EOS trained once, pad != EOS.
+def last_labels(data: Any) -> Any:
+    """The last label of every row (numpy), read from the Arrow buffers without materialising the rows."""
+    import numpy as np
+
+    column = _column(data, "labels")
+    parts = []
+    for chunk in getattr(column, "chunks", [column]):
+        offsets = chunk.offsets.to_numpy()
+        values = chunk.values.to_numpy(zero_copy_only=False)
+        parts.append(values[offsets[1:] - 1])
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+
+def _column(data: Any, name: str) -> Any:
+    """A column as Arrow (memory-mapped, no Python objects), honouring a selection of rows."""
+    return data.with_format("arrow")[name]
+
+
+def check_collation(trainer: Any, chat: ChatFormat) -> dict[str, Any]:
+    """Inspect the prepared data and one collated batch: the prompt and user turns masked, every assistant
+    turn trained up to and including one end-of-turn token, padding neither trained nor a stop token.
 
     Returns:
         Data facts for the summary: truncated_rows, min_tokens, median_tokens, max_tokens.
@@ -83,35 +185,37 @@ def check_collation(trainer: Any, tokenizer: Any) -> dict[str, Any]:
     Raises:
         RuntimeError: one does not hold (a template or tokenizer bug, not a user error).
     """
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    import numpy as np
+
+    eot, pad = chat.end_of_turn_id, chat.tokenizer.pad_token_id
     data = trainer.train_dataset
-    labels_col = data["labels"]
-    truncated = sum(1 for labels in labels_col if not labels or labels[-1] != eos)
+    lengths = sequence_lengths(data)
+    truncated = int((last_labels(data) != eot).sum())
     if truncated:
         log.warning(
-            "%d of %d train rows were cut at train.max_length and lose their EOS "
+            "%d of %d train rows were cut at train.max_length and lose their end-of-turn token "
             "(validation's too_long policy should have dropped them)",
             truncated,
-            len(labels_col),
+            len(lengths),
         )
-    lengths = [len(ids) for ids in data["input_ids"]]
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    sample = [order[0], order[len(order) // 2], order[-1]]  # different lengths: padding shows
+    order = np.argsort(lengths, kind="stable")
+    sample = [int(order[0]), int(order[len(order) // 2]), int(order[-1])]  # different lengths: padding shows
     batch = trainer.data_collator([data[i] for i in sample])
-    problems = [f"pad token id {pad} equals EOS"] if pad == eos else []
-    problems += _collation_problems(batch, sample, [labels_col[i] for i in sample], eos, pad)
+    problems = [f"pad token id {pad} is a stop token"] if pad in chat.stop_token_ids else []
+    problems += _collation_problems(batch, sample, eot, pad)
     if problems:
         raise RuntimeError("collated batch check failed: " + "; ".join(problems))
     facts = {
         "truncated_rows": truncated,
-        "min_tokens": lengths[order[0]],
-        "median_tokens": lengths[order[len(order) // 2]],
-        "max_tokens": lengths[order[-1]],
+        "min_tokens": int(lengths[sample[0]]),
+        "median_tokens": int(lengths[sample[1]]),
+        "max_tokens": int(lengths[sample[2]]),
     }
     log.info(
-        "collated batch check: prompt masked, one EOS (id %d) trained at the end, pad id %d; "
-        "train lengths %d..%d tokens (median %d)",
-        eos,
+        "collated batch check: prompt masked, each answer trained up to one end-of-turn token (%r, id %d), "
+        "pad id %d; train lengths %d..%d tokens (median %d)",
+        chat.end_of_turn,
+        eot,
         pad,
         facts["min_tokens"],
         facts["max_tokens"],
@@ -120,10 +224,8 @@ def check_collation(trainer: Any, tokenizer: Any) -> dict[str, Any]:
     return facts
 
 
-def _collation_problems(
-    batch: Any, sample: list[int], row_labels: list[list[int]], eos: int, pad: int
-) -> list[str]:
-    """What is wrong with each collated row: unmasked prompt, padding not pad/-100, EOS count."""
+def _collation_problems(batch: Any, sample: list[int], eot: int, pad: int) -> list[str]:
+    """What is wrong with each collated row: unmasked prompt, padding not pad/-100, end-of-turn count."""
     problems = []
     for row, index in enumerate(sample):
         ids, labels, mask = batch["input_ids"][row], batch["labels"][row], batch["attention_mask"][row]
@@ -132,11 +234,12 @@ def _collation_problems(
         if not trained:
             problems.append(f"row {index} has no trained tokens")
             continue
-        if trained[0] == 0 or (labels[: trained[0]] != -100).any():
+        if trained[0] == 0:
             problems.append(f"row {index}: the prompt is not masked")
         if (labels[n:] != -100).any() or (ids[n:] != pad).any():
             problems.append(f"row {index}: padding is not pad/-100")
-        eos_trained = int((labels == eos).sum())
-        if row_labels[row][-1] == eos and (int(ids[n - 1]) != eos or eos_trained != 1):
-            problems.append(f"row {index}: expected exactly one trained EOS at the end, found {eos_trained}")
+        runs = [i for i in trained if i + 1 not in trained]  # the last position of each assistant turn
+        eots = int((labels == eot).sum())
+        if int(ids[n - 1]) == eot and (eots != len(runs) or any(int(labels[i]) != eot for i in runs)):
+            problems.append(f"row {index}: expected each answer to end with one trained end-of-turn token")
     return problems

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import itertools
 import logging
 import os
 import statistics
@@ -39,9 +40,9 @@ from typing import Any
 
 from tasks.core.config import Config
 from tasks.core.layout import RunLayout
-from tasks.plumbing.dataio import read_split
+from tasks.plumbing.chat import chat_format
 from tasks.plumbing.loading import BaseRef, load_tokenizer
-from tasks.plumbing.prompting import format_completion, format_prompt
+from tasks.plumbing.splits import read_split_rows
 from tasks.plumbing.verdicts import Verdict, cache_key, choose, kernel_candidates, precision_candidates
 from tasks.stages.train.model import load_model, lora_config
 
@@ -231,12 +232,9 @@ def _sync(device: Any) -> None:
 
 
 def _probe_length(cfg: Config, layout: RunLayout) -> int:
-    """The train split's median templated length (first SAMPLE_ROWS rows), rounded up to 8, capped."""
-    rows = read_split(layout.train_split, "train split")[:SAMPLE_ROWS]
-    tokenizer = load_tokenizer(cfg, padding_side="right")
-    lengths = [
-        len(tokenizer(format_prompt(r["question"]) + format_completion(r["answer"]))["input_ids"])
-        for r in rows
-    ]
+    """The train split's median rendered length (first SAMPLE_ROWS rows), rounded up to 8, capped."""
+    rows = list(itertools.islice(read_split_rows(layout.train_split, "train split"), SAMPLE_ROWS))
+    chat = chat_format(cfg, load_tokenizer(cfg, padding_side="right"))
+    lengths = [len(ids) for ids, _ in chat.encode(rows)]
     median = int(statistics.median(lengths)) if lengths else cfg.train.max_length
     return min(cfg.train.max_length, -(-median // 8) * 8)

@@ -20,7 +20,7 @@ from typing import Any
 from tasks.core.artifacts import atomic_dir
 from tasks.core.config import Config
 from tasks.core.layout import RunLayout
-from tasks.plumbing.dataio import read_split
+from tasks.plumbing.chat import chat_format
 from tasks.plumbing.loading import BaseRef, load_tokenizer, resolve_base
 from tasks.stages.train.checkpoints import (
     latest_complete_checkpoint,
@@ -28,7 +28,7 @@ from tasks.stages.train.checkpoints import (
     tokens_at,
     training_fingerprint,
 )
-from tasks.stages.train.data import check_collation, prompt_completion
+from tasks.stages.train.data import check_collation, tokenized_split
 from tasks.stages.train.model import inspect_base, load_model, lora_config
 from tasks.stages.train.probe import apply_verdict, kernels_verdict, precision_verdict
 from tasks.stages.train.reporting import fail_mlflow_run, make_reporter, mlflow_params, start_mlflow_run
@@ -67,7 +67,7 @@ def train_process(
     inputs = load_inputs(ctx, device)
     fit = build_trainer(ctx, device, inputs, callbacks)
     outcome = fit_and_evaluate(ctx, device, fit)
-    if not save_adapter(ctx, fit.trainer, inputs.tokenizer):
+    if not save_adapter(ctx, fit.trainer, inputs.tokenizer, inputs.chat):
         return None
     summary = build_summary(ctx, device, inputs, fit, outcome, started)
     write_outputs(ctx, summary, fit.run_id)
@@ -140,14 +140,21 @@ def plan_training(ctx: Context) -> DeviceChoice:
 
 
 def load_inputs(ctx: Context, device: DeviceChoice) -> Inputs:
-    """Tokenizer (the one loader and pad rule, right padding), both splits, the base wrapped in LoRA."""
+    """Tokenizer (the one loader and pad rule, right padding) and its chat format, both splits tokenized
+    (once: later attempts and other processes map the cached Arrow files), the base wrapped in LoRA."""
     import torch
+    from filelock import FileLock
     from peft import get_peft_model
 
     cfg, layout = ctx.cfg, ctx.layout
     tokenizer = load_tokenizer(cfg, padding_side="right")
-    train_rows = read_split(layout.train_split, "train split")
-    eval_rows = read_split(layout.eval_split, "eval split")
+    chat = chat_format(cfg, tokenizer)
+    layout.tokenized_dir.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(layout.tokenized_dir / ".lock")):  # the first process tokenizes, the others reuse it
+        train_data = tokenized_split(chat, layout.train_split, layout.tokenized_dir, cfg.train.max_length)
+        eval_data = tokenized_split(
+            chat, layout.eval_split, layout.tokenized_dir, cfg.train.max_length, sample=cfg.eval.max_rows
+        )
     model = load_model(cfg, ctx.base, device.plan)
     model.config.pad_token_id = tokenizer.pad_token_id
     model.config.use_cache = False  # no KV cache while training
@@ -163,7 +170,7 @@ def load_inputs(ctx: Context, device: DeviceChoice) -> Inputs:
         total,
         100 * trainable / total,
     )
-    return Inputs(tokenizer, train_rows, eval_rows, model, int(trainable), int(total))
+    return Inputs(tokenizer, chat, train_data, eval_data, model, int(trainable), int(total))
 
 
 def build_trainer(ctx: Context, device: DeviceChoice, inputs: Inputs, callbacks: Sequence[Any] = ()) -> Fit:
@@ -175,13 +182,13 @@ def build_trainer(ctx: Context, device: DeviceChoice, inputs: Inputs, callbacks:
     trainer = trainer_class()(
         model=inputs.model,
         args=args,
-        train_dataset=prompt_completion(inputs.train_rows),
-        eval_dataset=prompt_completion(inputs.eval_rows),
+        train_dataset=inputs.train_data,
+        eval_dataset=inputs.eval_data,
         processing_class=inputs.tokenizer,
         group_by_length=cfg.train.group_by_length,
         plain_loss=plan.device == "cpu",
     )
-    data_facts = check_collation(trainer, inputs.tokenizer)
+    data_facts = check_collation(trainer, inputs.chat)
     resume = latest_complete_checkpoint(ctx.ckpt_dir)
     run_id = None
     if ctx.main:
@@ -189,8 +196,11 @@ def build_trainer(ctx: Context, device: DeviceChoice, inputs: Inputs, callbacks:
             "processes": ctx.world,
             "trainable_params": inputs.trainable,
             "total_params": inputs.total,
-            "train_rows": len(inputs.train_rows),
-            "eval_rows": len(inputs.eval_rows),
+            "train_rows": len(inputs.train_data),
+            "eval_rows": len(inputs.eval_data),
+            "chat.fingerprint": inputs.chat.fingerprint,
+            "chat.template": inputs.chat.source,
+            "chat.end_of_turn": inputs.chat.end_of_turn,
         }
         run_id = start_mlflow_run(
             cfg, ctx.layout.root, ctx.ckpt_dir, mlflow_params(cfg, plan, device.caps, counts)
@@ -228,9 +238,10 @@ def fit_and_evaluate(ctx: Context, device: DeviceChoice, fit: Fit) -> Outcome:
     return Outcome(output=output, eval_before=eval_before, eval_after=eval_after)
 
 
-def save_adapter(ctx: Context, trainer: Any, tokenizer: Any) -> bool:
-    """Every process takes part in saving (FSDP gathers the shards); rank 0 writes the adapter with
-    its tokenizer, atomically. Returns whether this process is rank 0 (the one that goes on)."""
+def save_adapter(ctx: Context, trainer: Any, tokenizer: Any, chat: Any) -> bool:
+    """Every process takes part in saving (FSDP gathers the shards); rank 0 writes the adapter with its
+    tokenizer and chat format (chat_format.json: what evaluate and export check the base against),
+    atomically. Returns whether this process is rank 0 (the one that goes on)."""
     tmp = ctx.layout.train_dir / ".staging-adapter"  # not atomic_dir's own .tmp- name
     if ctx.main and tmp.exists():
         shutil.rmtree(tmp)
@@ -244,5 +255,6 @@ def save_adapter(ctx: Context, trainer: Any, tokenizer: Any) -> bool:
         for item in tmp.iterdir():
             shutil.move(str(item), final_tmp / item.name)
         tokenizer.save_pretrained(final_tmp)
+        chat.frame().save(final_tmp)
     shutil.rmtree(tmp, ignore_errors=True)
     return True

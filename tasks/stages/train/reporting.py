@@ -117,9 +117,9 @@ def mlflow_metrics(run_id: str, values: dict[str, Any], step: int) -> None:
         mlflow.MlflowClient().log_batch(run_id, metrics=metrics)
 
 
-def mlflow_params(cfg: Config, plan: Any, caps: Any, counts: dict[str, int]) -> dict[str, Any]:
+def mlflow_params(cfg: Config, plan: Any, caps: Any, counts: dict[str, Any]) -> dict[str, Any]:
     """The run's params: every scalar of base/lora/train, the device and plan, and `counts`
-    (processes, trainable and total parameters, rows)."""
+    (processes, trainable and total parameters, rows, the chat format)."""
     params: dict[str, Any] = {}
     for section in ("base", "lora", "train"):
         for key, value in getattr(cfg, section).model_dump(mode="json").items():

@@ -47,11 +47,12 @@ class DeviceChoice:
 
 @dataclass(frozen=True)
 class Inputs:
-    """Tokenizer, split rows and the LoRA-wrapped model."""
+    """Tokenizer and chat format, the tokenized splits (memory-mapped datasets) and the LoRA-wrapped model."""
 
     tokenizer: Any
-    train_rows: list[dict[str, str]]
-    eval_rows: list[dict[str, str]]
+    chat: Any  # tasks.plumbing.chat.ChatFormat
+    train_data: Any  # datasets.Dataset of input_ids, labels
+    eval_data: Any  # the bounded eval sample, the same columns
     model: Any
     trainable: int
     total: int

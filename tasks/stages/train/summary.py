@@ -49,8 +49,9 @@ def build_summary(
         "trainable_params": inputs.trainable,
         "total_params": inputs.total,
         "trainable_share": inputs.trainable / inputs.total,
-        "train_rows": len(inputs.train_rows),
-        "eval_rows": len(inputs.eval_rows),
+        "train_rows": len(inputs.train_data),
+        "eval_rows": len(inputs.eval_data),  # the in-training eval's bounded sample (eval.max_rows)
+        "chat": inputs.chat.describe(),
         "data": fit.data_facts,
         "pad_token": inputs.tokenizer.pad_token,
         "pad_token_note": _pad_note(inputs.tokenizer),

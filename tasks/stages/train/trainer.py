@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.core.config import Config
-from tasks.stages.train.data import EpochSampler
+from tasks.stages.train.data import EpochSampler, sequence_lengths
 
 GPU_PAD_MULTIPLE = 64  # at most max_length / 64 sequence lengths per run (4 at 256, 16 at 1024)
 
@@ -87,8 +87,10 @@ def sft_config(cfg: Config, plan: Any, ckpt_dir: Path, world: int, cpu_count: in
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
         optim=t.optim,
-        # data: prompt/completion, loss on the completion only, no packing (padding_free needs flash-attn)
+        # data: tokenized by train/data.py (labels on the assistant turns only, cut to max_length), so
+        # TRL's own preparation is skipped; no packing (padding_free needs flash-attn)
         max_length=t.max_length,
+        dataset_kwargs={"skip_prepare_dataset": True},
         completion_only_loss=True,
         packing=False,
         padding_free=False,
@@ -164,7 +166,7 @@ def trainer_class() -> type:
             global_batch = (
                 a.per_device_train_batch_size * a.gradient_accumulation_steps * max(1, a.world_size)
             )
-            lengths = [len(ids) for ids in data["input_ids"]] if self._qa_group_by_length else None
+            lengths = sequence_lengths(data) if self._qa_group_by_length else None
             return EpochSampler(len(data), a.seed, global_batch, lengths)
 
     return QATrainer

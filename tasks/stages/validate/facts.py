@@ -1,8 +1,9 @@
 """Per-row facts that an expectation cannot compute itself, as columns the GX suite then checks.
 
-Token length after the prompt template, whether the templated text ends with EOS, control sequences
-(template markers and the tokenizer's special tokens) inside user text, the line of an earlier exact
-duplicate, the line of an earlier near-duplicate, and the split a row goes to.
+Token length of the example as the base's chat template renders it (tasks/plumbing/chat.py), whether it
+ends with the template's end-of-turn token (or why the template refuses the row), control sequences (the
+tokenizer's special and added tokens, the template's markers) inside user text, the line of an earlier
+exact duplicate, the line of an earlier near-duplicate, and the split a row goes to.
 """
 
 from __future__ import annotations
@@ -11,8 +12,8 @@ import hashlib
 from typing import Any
 
 from tasks.core.config import Config
-from tasks.plumbing.dataio import normalize_question
-from tasks.plumbing.prompting import find_control_sequences, format_completion, format_prompt
+from tasks.plumbing.chat import ChatError, ChatFormat, chat_format
+from tasks.plumbing.dataio import dialogue_key
 from tasks.stages.validate.near_duplicates import near_duplicates
 
 # Row-level checks, in the order a row is attributed to one of them (the first it fails).
@@ -23,18 +24,24 @@ def row_facts(frame: Any, tokenizer: Any, cfg: Config) -> Any:
     """Add the per-row columns the suite checks: lengths, EOS, control sequences, duplicates, split.
 
     Args:
-        frame: one row per input row (line, id, question, answer, category); changed in place.
-        tokenizer: the base model's tokenizer (its special tokens count as control sequences).
-        cfg: reads `train.max_length` and `data` (near_duplicate_threshold, split_salt, eval_fraction).
+        frame: one row per input row (line, id, question, answer, category, system, history); changed
+            in place.
+        tokenizer: the base model's tokenizer, with the chat template the pipeline renders with.
+        cfg: reads `train.max_length` and `data` (near_duplicate_threshold, split_salt, eval_fraction,
+            system_prompt).
 
     Returns:
         The same frame with the columns the GX suite names.
     """
     present = frame["question"].notna() & frame["answer"].notna()
     present &= frame["question"].fillna("").str.strip().ne("") & frame["answer"].fillna("").str.strip().ne("")
-    frame["question_norm"] = [normalize_question(q) if q else None for q in frame["question"]]
-    _add_control_sequences(frame, tokenizer, present)
-    _add_token_facts(frame, tokenizer, present)
+    frame["question_norm"] = [
+        dialogue_key(q, h if isinstance(h, list) else None) if q else None
+        for q, h in zip(frame["question"], frame["history"], strict=True)
+    ]
+    chat = chat_format(cfg, tokenizer)
+    _add_control_sequences(frame, chat, present)
+    _add_token_facts(frame, chat, present)
     # Exact and near duplicates among rows that pass the content checks, first occurrence kept (a
     # bad first copy must not take a good second copy down with it).
     content_ok = (
@@ -53,25 +60,39 @@ def row_facts(frame: Any, tokenizer: Any, cfg: Config) -> Any:
     return frame
 
 
-def _add_control_sequences(frame: Any, tokenizer: Any, present: Any) -> None:
-    specials = tuple(sorted(set(tokenizer.all_special_tokens) | set(tokenizer.get_added_vocab())))
+def _add_control_sequences(frame: Any, chat: ChatFormat, present: Any) -> None:
+    def user_text(row: Any) -> str:
+        turns = [t["content"] for t in row.history] if isinstance(row.history, list) else []
+        system = row.system if isinstance(row.system, str) else ""
+        return "\n".join([system, *turns, row.question, row.answer])
+
     frame["control_sequences"] = [
-        ", ".join(sorted(set(find_control_sequences(f"{q}\n{a}", specials)))) or None if ok else None
-        for q, a, ok in zip(frame["question"], frame["answer"], present, strict=True)
+        ", ".join(chat.find_markers(user_text(row))) or None if ok else None
+        for row, ok in zip(frame.itertuples(index=False), present, strict=True)
     ]
 
 
-def _add_token_facts(frame: Any, tokenizer: Any, present: Any) -> None:
-    texts = [
-        format_prompt(q) + format_completion(a)
-        for q, a in zip(frame["question"][present], frame["answer"][present], strict=True)
-    ]
-    ids = tokenizer(texts, add_special_tokens=True)["input_ids"] if texts else []
-    eos_id = tokenizer.eos_token_id
+def _add_token_facts(frame: Any, chat: ChatFormat, present: Any) -> None:
+    """n_tokens and ends_with_eos of each rendered example; template_error where the template refuses it."""
+    texts, rendered, errors = [], [], {}
+    columns = ["question", "answer", "system", "history"]
+    for idx, row in zip(frame.index[present], frame.loc[present, columns].to_dict("records"), strict=True):
+        try:
+            texts.append(chat.example(row)[0])
+            rendered.append(idx)
+        except ChatError as exc:
+            errors[idx] = str(exc)
+    ids = chat.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
     frame["n_tokens"] = float("nan")
-    frame.loc[present, "n_tokens"] = [float(len(x)) for x in ids]
+    frame.loc[rendered, "n_tokens"] = [float(len(x)) for x in ids]
     frame["ends_with_eos"] = None
-    frame.loc[present, "ends_with_eos"] = [bool(x) and eos_id is not None and x[-1] == eos_id for x in ids]
+    frame.loc[present, "ends_with_eos"] = False
+    frame.loc[rendered, "ends_with_eos"] = [bool(x) and x[-1] == chat.end_of_turn_id for x in ids]
+    frame["template_error"] = None
+    for idx, error in errors.items():
+        frame.at[idx, "template_error"] = error
+    frame.attrs["end_of_turn"] = chat.end_of_turn
+    frame.attrs["chat"] = chat.describe()
 
 
 def _add_duplicates(frame: Any, candidates: Any) -> None:
@@ -133,7 +154,9 @@ def failure_details(frame: Any, cfg: Config) -> dict[str, dict[int, str]]:
             out["too_long"][line] = (
                 f"{int(row.n_tokens)} tokens after the prompt template, over train.max_length={cfg.train.max_length}"
             )
-        out["missing_eos"][line] = "the templated example does not end with the EOS token"
+        out["missing_eos"][line] = row.template_error or (
+            f"the rendered example does not end with the end-of-turn token {frame.attrs.get('end_of_turn')}"
+        )
         if row.duplicate_of is not None:
             what = "question" if row.duplicate_kind == "question" else "id"
             out["duplicate"][line] = f"duplicate {what} of line {int(row.duplicate_of)}"

@@ -13,7 +13,7 @@ from tasks.core.artifacts import atomic_dir, write_json_atomic
 from tasks.core.config import Config
 from tasks.core.layout import RunLayout
 from tasks.plumbing.dataio import LoadedData
-from tasks.plumbing.prompting import format_completion, format_prompt
+from tasks.plumbing.splits import CONVERSATION_FIELDS
 from tasks.stages.validate.suite import SUITE
 
 OUTPUT_FIELDS = ("id", "question", "answer", "category")
@@ -50,7 +50,10 @@ def build_report(
         },
         "policies": cfg.data.policies.model_dump(),
         "dropped": dropped,
-        "token_lengths": _token_lengths(lengths, cfg.train.max_length),
+        "chat": frame.attrs.get("chat"),
+        "token_lengths": _token_lengths(
+            lengths, cfg.train.max_length, (frame.attrs.get("chat") or {}).get("example")
+        ),
         "truncation_rate": round(over / len(lengths), 6) if len(lengths) else 0.0,
         "split": {"salt": cfg.data.split_salt, "eval_fraction": cfg.data.eval_fraction},
         "gx": {
@@ -63,14 +66,14 @@ def build_report(
     }
 
 
-def _token_lengths(lengths: Any, max_length: int) -> dict[str, Any]:
+def _token_lengths(lengths: Any, max_length: int, template: str | None) -> dict[str, Any]:
     import numpy as np
 
     edges = [int(x) for x in np.linspace(0, max_length, HIST_BINS + 1)]
     counts = [int(((lengths > lo) & (lengths <= hi)).sum()) for lo, hi in pairwise(edges)]
     over = int((lengths > max_length).sum())
     return {
-        "template": "<s>" + format_prompt("{question}") + format_completion("{answer}"),
+        "template": template,
         "max_length": max_length,
         "histogram": {"edges": edges, "counts": counts, "over_max_length": over},
         "min": int(lengths.min()) if len(lengths) else None,
@@ -99,4 +102,7 @@ def _write_jsonl(path: Path, frame: Any) -> None:
     with path.open("w", encoding="utf-8") as handle:
         for row in frame.itertuples(index=False):
             record = {name: getattr(row, name) for name in OUTPUT_FIELDS}
+            record.update(
+                {k: v for k in CONVERSATION_FIELDS if isinstance(v := getattr(row, k), str | list) and v}
+            )
             handle.write(json.dumps(record, ensure_ascii=False) + "\n")

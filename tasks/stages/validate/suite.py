@@ -138,7 +138,7 @@ def run_checkpoint(checkpoint: Any, frame: Any, params: dict[str, Any], name: st
     from great_expectations.core.run_identifier import RunIdentifier
 
     result = checkpoint.run(
-        batch_parameters={"dataframe": frame.reset_index(drop=True)},
+        batch_parameters={"dataframe": frame[list(COLUMNS)].reset_index(drop=True)},
         expectation_parameters=params,
         run_id=RunIdentifier(run_name=name),
     )
