@@ -38,6 +38,7 @@ MAX_ACTIVE_RUNS = int(os.environ.get("QA_LORA_MAX_ACTIVE_RUNS") or 1)
 PARAM_KEYS: dict[str, str] = {
     "base_model": "base.name_or_path",
     "base_kind": "base.kind",
+    "chat_template": "prompt.template",
     "data_source": "data.source",
     "lora_r": "lora.r",
     "lora_alpha": "lora.alpha",

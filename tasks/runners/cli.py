@@ -68,7 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     for name, (_, _, help_text) in {**STAGES, **EXTRA}.items():
         _common(sub.add_parser(name, help=help_text, description=help_text))
-    info = sub.add_parser("info", help="device report: torch build, ROCm/CUDA/CPU, bf16, precision")
+    info = sub.add_parser(
+        "info",
+        help="device report: torch build, ROCm/CUDA/CPU, bf16, precision; with --params, the preset's "
+        "parameters and memory per GPU on MI300X",
+    )
     _common(info)
     promote = sub.add_parser("promote", help="move the champion alias to VERSION (with who/why)")
     _common(promote)
@@ -90,7 +94,7 @@ def _dispatch(args: argparse.Namespace) -> Any:
     setup_logging(cfg.runtime.log_level)
     run_dir = Path(args.run_dir) if args.run_dir else cfg.resolve(cfg.runtime.run_dir)
     if args.command == "info":
-        return _info(cfg)
+        return _info(cfg, args.params)
     if args.command == "registry":
         from tasks.plumbing.tracking import repair_registry
 
@@ -112,9 +116,9 @@ def _dispatch(args: argparse.Namespace) -> Any:
     return result
 
 
-def _info(cfg: Any) -> dict[str, Any]:
-    """The device report, the precision and kernels verdicts measured on this machine, and the ONNX
-    Runtime build."""
+def _info(cfg: Any, params: Any = None) -> dict[str, Any]:
+    """The device report, the precision and kernels verdicts measured on this machine, the ONNX
+    Runtime build; with `--params`, what that preset's training takes on MI300X GPUs."""
     from tasks.plumbing.device import describe_device
     from tasks.plumbing.ort_runtime import describe_runtime
     from tasks.plumbing.verdicts import cached_verdicts
@@ -125,7 +129,14 @@ def _info(cfg: Any) -> dict[str, Any]:
         for setting in ("precision", "kernels")
         for cache in [cache_file(setting)]
     }
-    return {**describe_device(cfg.runtime.device), **verdicts, "onnxruntime": describe_runtime()}
+    # With a preset, this machine is reported as detected: a GPU preset is sized on a laptop too.
+    here = describe_device("auto" if params is not None else cfg.runtime.device)
+    report = {**here, **verdicts, "onnxruntime": describe_runtime()}
+    if params is not None:
+        from tasks.stages.train.capacity import capacity_plan
+
+        report["training_on_mi300x"] = {"params": str(params), **capacity_plan(cfg)}
+    return report
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -24,6 +24,7 @@ from tasks.core.config import Config
 # Config section -> the form section it appears under (the form's order follows PARAM_KEYS).
 SECTIONS: dict[str, str] = {
     "base": "Model and data",
+    "prompt": "Model and data",
     "data": "Model and data",
     "lora": "LoRA",
     "train": "Training",

@@ -58,6 +58,14 @@ def test_trigger_form_params(dagbag) -> None:
     assert params["lora_modules_to_save"] == list(cfg.lora.modules_to_save) != []
     schema = params.get_param("learning_rate").schema
     assert schema["exclusiveMinimum"] == 0 and schema["section"] == "Training" and schema["title"]
+    assert params["chat_template"] == "auto"
+    assert params.get_param("chat_template").schema["enum"] == [
+        "auto",
+        "llama2",
+        "llama3",
+        "chatml",
+        "mistral",
+    ]
     for name in (
         "base_model",
         "data_source",

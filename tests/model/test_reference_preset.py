@@ -31,3 +31,67 @@ def test_llama2_7b_preset_trainable_parameters(repo_root: Path) -> None:
     assert trainable == 33_554_432
     assert total == 6_771_970_048
     assert 100 * trainable / total == pytest.approx(0.4955, abs=5e-5)
+
+
+# Today's bases: LoRA r=8 on every linear layer (LLaMA-Factory's recipe). Per layer r * (in + out) for
+# q, k, v, o (grouped-query: k and v project to kv_heads * head_dim) and gate, up, down.
+PRESETS = {
+    # 32 layers x 8 * ((4096+4096)*2 + (4096+1024)*2 + (4096+14336)*3) = 20,971,520
+    "llama3.1-8b-mi300x.yaml": ("llama-3.1-8b-instruct.config.json", 20_971_520, 8_030_261_248),
+    # 28 layers x 8 * ((3584+3584)*2 + (3584+512)*2 + (3584+18944)*3) = 20,185,088
+    "qwen2.5-7b-mi300x.yaml": ("qwen2.5-7b-instruct.config.json", 20_185_088, 7_615_616_512),
+}
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_todays_presets_trainable_parameters_on_the_meta_device(repo_root: Path, preset: str) -> None:
+    import torch
+    from peft import get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from tasks.core.config import load_config
+    from tasks.stages.train.model import lora_config
+
+    recipe, trainable_expected, base_expected = PRESETS[preset]
+    cfg = load_config(repo_root / "params" / preset)
+    arch = json.loads((repo_root / "models" / "recipes" / recipe).read_text())
+    arch.pop("_comment")
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(arch.pop("model_type"), **arch))
+    assert sum(p.numel() for p in model.parameters()) == base_expected
+    peft_model = get_peft_model(model, lora_config(cfg.lora))
+    assert sum(p.numel() for p in peft_model.parameters() if p.requires_grad) == trainable_expected
+    assert cfg.prompt.template == "auto"  # the tokenizer's own chat template renders every prompt
+
+
+@pytest.mark.parametrize("preset", ["llama2-7b-mi300x.yaml", *PRESETS])
+def test_info_prints_the_presets_plan_on_one_mi300x(repo_root: Path, preset: str) -> None:
+    """`qa-lora info --params` sizes the preset offline (the shipped config on the meta device): the same
+    counts, and the device plan's memory estimate per MI300X with the preset's precision and batch."""
+    import subprocess
+    import sys
+
+    from tasks.core.config import load_config
+    from tasks.plumbing.device import estimate_train_bytes
+
+    command = [str(Path(sys.executable).with_name("qa-lora")), "info", "--params", f"params/{preset}"]
+    proc = subprocess.run(command, cwd=repo_root, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    plan = json.loads(proc.stdout)["training_on_mi300x"]
+    cfg = load_config(repo_root / "params" / preset)
+    trainable, total = {**PRESETS, "llama2-7b-mi300x.yaml": (None, 33_554_432, 6_738_415_616)}[preset][1:]
+    assert (plan["trainable_params"], plan["total_params"]) == (trainable, total)
+    assert plan["gpu"] == "AMD Instinct MI300X (192 GB)" and plan["precision"] == "bf16"
+    arch = json.loads((repo_root / plan["config_from"]).read_text())
+    expected = estimate_train_bytes(
+        total_params=total,
+        trainable_params=trainable,
+        num_layers=arch["num_hidden_layers"],
+        hidden_size=arch["hidden_size"],
+        vocab_size=arch["vocab_size"],
+        seq_len=cfg.train.max_length,
+        micro_batch=cfg.train.per_device_train_batch_size,
+        param_bytes=2,
+    )
+    assert plan["memory_per_gpu_gib"] == round(expected / 2**30, 1)
+    assert plan["fits"] and not plan["gradient_checkpointing"] and plan["advice"] is None

@@ -50,12 +50,13 @@ def tokenized_split(
     key = fingerprint(
         {"chat": chat.fingerprint, "max_length": max_length, "sample": sample, "v": DATA_VERSION}, [path]
     )
-    features = Features({"question": Value("string"), "answer": Value("string"), "system": Value("string"),
-                         "history": Value("string")})  # fmt: skip
+    features = Features({name: Value("string") for name in ("question", "answer", "system", "history")})
     rows = Dataset.from_generator(
-        _rows, features=features, gen_kwargs={"path": str(path), "sample": sample, "key": key},
+        _rows,
+        features=features,
+        gen_kwargs={"path": str(path), "sample": sample, "key": key},
         cache_dir=str(cache_dir),
-    )  # fmt: skip
+    )
     workers = min(4, os.cpu_count() or 1) if len(rows) >= _PARALLEL_ROWS else None
     return rows.map(
         _encode_batch,

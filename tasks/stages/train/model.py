@@ -40,28 +40,35 @@ def inspect_base(cfg: Config, base: BaseRef) -> dict[str, Any]:
     """Check the params against the model (on the meta device: no weights read) before any step.
 
     Returns:
-        The model facts the device plan needs: model_type, total_params, lora_params, saved_params
-        (lora.modules_to_save, trained in full), num_layers, hidden_size, vocab_size,
-        max_position_embeddings.
+        The model facts the device plan needs (see :func:`model_facts`).
 
     Raises:
         UserError: a non-positive learning rate or rank, max_length above the model's limit, or a
             LoRA target that names no adaptable module.
     """
-    import torch
-    from transformers import AutoModelForCausalLM
-
     t = cfg.train
     if t.learning_rate <= 0:  # the config refuses it too; this stage must not depend on that
         raise UserError(f"train.learning_rate: must be > 0 (got {t.learning_rate})")
     if cfg.lora.r <= 0:
         raise UserError(f"lora.r: must be > 0 (got {cfg.lora.r})")
-    mconf = load_model_config(cfg, base)
+    return model_facts(cfg, load_model_config(cfg, base), base)
+
+
+def model_facts(cfg: Config, mconf: Any, base: BaseRef) -> dict[str, Any]:
+    """The model of config `mconf` built on the meta device, checked against `lora` and `train.max_length`.
+
+    Returns:
+        model_type, total_params, lora_params, saved_params (lora.modules_to_save, trained in full),
+        num_layers, hidden_size, vocab_size, max_position_embeddings.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
     text = mconf.get_text_config()
     limit = getattr(text, "max_position_embeddings", None)
-    if limit is not None and t.max_length > limit:
+    if limit is not None and cfg.train.max_length > limit:
         raise UserError(
-            f"train.max_length: {t.max_length} exceeds the base model's max_position_embeddings "
+            f"train.max_length: {cfg.train.max_length} exceeds the base model's max_position_embeddings "
             f"{limit} ({base.ref}); use a value <= {limit}"
         )
     with torch.device("meta"):
