@@ -89,6 +89,44 @@ def _other_kinds(figs: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
     return rows
 
 
+def _scale_rows(f: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
+    """Figure 9: validate at the largest size against its targets, the growth, every stage's figures."""
+    n = f["largest_rows"]
+    large = f["sizes"][str(n)]
+    per_stage = "; ".join(
+        f"{name} {d['seconds']:.0f} s / {d['peak_rss'] / 2**30:.2f} GiB"
+        for name, d in large["stages"].items()
+    )
+    growth = ", ".join(f"{k} {_x(v)}" for k, v in f["peak_rss_ratio"].items())
+    sizes = ", ".join(f"{int(k):,}" for k in f["sizes"])
+    target_rows = n >= 1_000_000
+    return [
+        (
+            f"9a. validate {n:,} rows: wall",
+            f"{f['validate_seconds_largest']:.0f} s",
+            "<= 300 s (1M)",
+            _met(f["validate_seconds_largest"] <= 300) if target_rows else "n/a",
+            f"{large['validate_rows_per_s']:,} rows/s; at {n:,} rows, each stage (wall / peak RSS): {per_stage}",
+        ),
+        (
+            f"9b. validate {n:,} rows: peak RSS",
+            f"{f['validate_peak_gib_largest']:.2f} GiB",
+            "<= 2 GiB (1M)",
+            _met(f["validate_peak_gib_largest"] <= 2) if target_rows else "n/a",
+            f"peak RSS, largest over smallest size ({sizes} rows): {growth}",
+        ),
+        (
+            "9c. validate rows/s vs the floor (pyarrow read + batch tokenization)",
+            _x(f["validate_vs_floor_largest"]),
+            "report",
+            "n/a",
+            f"floor {large['floor']['rows_per_s']:,} rows/s (read {large['floor']['read_s']:.1f} s, tokenize "
+            f"{large['floor']['tokenize_s']:.1f} s); time per row, largest over smallest: "
+            f"{_x(f['validate_time_per_row_ratio'])}",
+        ),
+    ]
+
+
 def render_table(results: dict[str, Any]) -> str:
     """The measured table plus the machine it ran on."""
     figs = results.get("figures", {})
@@ -231,6 +269,8 @@ def render_table(results: dict[str, Any]) -> str:
                     f"{d['peak_minus_baseline'] / 2**20:.0f} MiB over baseline for {d['model_bytes'] / 2**20:.0f} MiB of weights",
                 )
             )
+    if not status_row("scale", "9. the pipeline at 1M rows (validate)", "<= 300 s, <= 2 GiB"):
+        rows += _scale_rows(figs["scale"])
     g = figs.get("gpu", {})
     if g.get("status") == "measured":
         gm = g.get("machine") or {}

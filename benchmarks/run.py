@@ -10,6 +10,7 @@ Figures (every one a ratio measured in this run; see benchmarks/RESULTS.md):
   airflow    4a. `airflow dags test` wall vs the sum of its stages' own times (expensive)
   dvc        4b. `dvc repro` with nothing changed (expensive)
   gpu        7. LoRA tokens/s and MFU on a >= 1B Llama in bf16 (only with --device cuda)
+  scale      9. every stage at 10k, 100k and 1M rows: wall, rows/s, peak RSS; validate vs its floor
 
 Writes benchmarks/results.json (merged per figure, so `--only` updates one figure) and the table in
 benchmarks/RESULTS.md between its markers. The GPU figure is measured on a GPU node
@@ -34,7 +35,7 @@ from benchmarks.common import BENCH_DIR, QUIET_ENV, loadavg, machine
 
 RESULTS_JSON = BENCH_DIR / "results.json"
 RESULTS_MD = BENCH_DIR / "RESULTS.md"
-CPU_FIGURES = ("training", "inference", "serving", "dag", "memory", "airflow", "dvc")
+CPU_FIGURES = ("training", "inference", "serving", "dag", "memory", "airflow", "dvc", "scale")
 ALL = (*CPU_FIGURES, "gpu")
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 
@@ -150,6 +151,10 @@ def _run_figure(name: str, tmp: Path, args: argparse.Namespace, train_run_dir: P
         from benchmarks import orchestration
 
         return orchestration.run_dvc(tmp, args.quick)
+    if name == "scale":
+        from benchmarks import scale
+
+        return scale.run(tmp, args.quick)
     if name == "gpu":
         from benchmarks import gpu
 

@@ -1,6 +1,7 @@
-"""Load a Q&A dataset from JSONL, CSV or Parquet and normalize it to one schema.
+"""Read a Q&A dataset from JSONL, CSV or Parquet in chunks and normalize it to one schema.
 
-Not a stage: `tasks.stages.validate` calls it. Every problem that makes a file unreadable (a path outside the
+Not a stage: `tasks.stages.validate` streams it through :class:`DatasetReader` (the format readers are in
+tasks/plumbing/readers.py; no format is read whole). Every problem that makes a file unreadable (a path outside the
 allowed roots, bad UTF-8, a malformed JSON line, an oversized row, missing columns, wrong types, an
 empty file) raises :class:`tasks.core.errors.UserError` with ONE line of the form
 
@@ -27,28 +28,34 @@ becomes a hash of the question (and the turns before it), which stays stable whe
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
-import json
 import re
 import unicodedata
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 from tasks.core.errors import UserError
+from tasks.plumbing.readers import (
+    CSV_ORDER,
+    JSONL_ORDER,
+    Problems,
+    csv_records,
+    describe_lines,
+    jsonl_records,
+    parquet_records,
+)
+
+__all__ = ["DatasetReader", "LoadedData", "describe_lines", "load_dataset", "resolve_source"]
 
 FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".csv": "csv", ".parquet": "parquet"}
 SCHEMAS = ("question_answer", "prompt_completion", "messages", "llama2_text")
 DEFAULT_CATEGORY = "general"
-_BOM = b"\xef\xbb\xbf"
 _URI_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 _LLAMA2_RE = re.compile(
     r"^\s*(?:<s>)?\s*\[INST\]\s*(?P<q>.*?)\s*\[/INST\]\s*(?P<a>.*?)\s*(?:</s>)?\s*$", re.DOTALL
 )
-_MAX_LINES_SHOWN = 5
 
 
 @dataclass
@@ -112,200 +119,75 @@ def detect_format(path: Path, fmt: str = "auto") -> str:
     return found
 
 
+class DatasetReader:
+    """A Q&A file read in chunks of normalized rows: memory stays flat in the file's size.
+
+    The schema is detected from the columns of the first chunk's records. Problems (unreadable lines,
+    wrong types, missing columns) are collected while reading and raised as ONE line once the file has
+    been read (the first check's lines named), so a bad line deep in a large file is still reported by
+    its number, and nothing downstream has been written by then.
+    """
+
+    def __init__(self, path: Path, fmt: str = "auto", max_row_bytes: int = 65_536, chunk_rows: int = 50_000):
+        self.path = path
+        self.format = detect_format(path, fmt)
+        self.max_row_bytes = max_row_bytes
+        self.chunk_rows = chunk_rows
+        self.schema: str | None = None
+
+    def chunks(self) -> Iterator[list[dict[str, Any]]]:
+        """Lists of normalized rows ({line, id, question, answer, category, system, history}).
+
+        Raises:
+            UserError: after the last chunk, for the first problem found (or an empty file).
+        """
+        read = Problems(self.path)
+        rows = Problems(self.path)
+        reader, order = _READERS[self.format]
+        records = reader(self.path, self.max_row_bytes, read)
+        seen = 0
+        for batch in _batched(records, self.chunk_rows):
+            seen += len(batch)
+            if self.schema is None:
+                self.schema = _detect_schema(self.path, batch)
+            normalized = [_normalize(self.schema, line, record, rows) for line, record in batch]
+            yield [row for row in normalized if row is not None]
+        read.raise_first(order)
+        if not seen:
+            raise UserError(f"{self.path}: empty file: no rows to validate (check: empty)")
+        rows.raise_first()
+
+
 def load_dataset(path: Path, fmt: str = "auto", max_row_bytes: int = 65_536) -> LoadedData:
-    """Read, detect the schema and normalize every row.
-
-    Args:
-        path: the data file (already resolved by :func:`resolve_source`).
-        fmt: `auto` (from the extension), `jsonl`, `csv` or `parquet`.
-        max_row_bytes: a row larger than this (encoded) is refused.
-
-    Returns:
-        The normalized rows with the detected format and schema.
+    """Read, detect the schema and normalize every row (all in memory: for small files and tests; the
+    validate stage streams through :class:`DatasetReader`).
 
     Raises:
         UserError: one line naming the file, the line numbers and the failed check.
     """
-    fmt = detect_format(path, fmt)
-    reader = {"jsonl": _read_jsonl, "csv": _read_csv, "parquet": _read_parquet}[fmt]
-    records = reader(path, max_row_bytes)
-    if not records:
-        raise UserError(f"{path}: empty file: no rows to validate (check: empty)")
-    schema = _detect_schema(path, records)
-    problems = _Problems(path)
-    rows = []
-    for line, record in records:
-        row = _normalize(schema, line, record, problems)
-        if row is not None:
-            rows.append(row)
-    problems.raise_first()
-    return LoadedData(path=path, format=fmt, schema=schema, rows=rows)
+    reader = DatasetReader(path, fmt, max_row_bytes)
+    rows = [row for chunk in reader.chunks() for row in chunk]
+    return LoadedData(path=path, format=reader.format, schema=reader.schema or "", rows=rows)
 
 
-# ------------------------------------------------------------------------------------------ problems
+_READERS = {
+    "jsonl": (jsonl_records, JSONL_ORDER),
+    "csv": (csv_records, CSV_ORDER),
+    "parquet": (parquet_records, ()),
+}
 
 
-def describe_lines(lines: list[int]) -> str:
-    """`line 3` / `lines 3, 7, 9 and 2 more`: short enough for a one-line message."""
-    lines = sorted(lines)
-    if len(lines) == 1:
-        return f"line {lines[0]}"
-    shown = ", ".join(str(n) for n in lines[:_MAX_LINES_SHOWN])
-    more = len(lines) - _MAX_LINES_SHOWN
-    return f"lines {shown}" + (f" and {more} more" if more > 0 else "")
-
-
-class _Problems:
-    """Collects per-line problems so one message can name every offending line of the first check."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.by_check: dict[str, list[tuple[int, str]]] = {}
-
-    def add(self, check: str, line: int, detail: str) -> None:
-        self.by_check.setdefault(check, []).append((line, detail))
-
-    def raise_first(self) -> None:
-        if not self.by_check:
-            return
-        check, items = next(iter(self.by_check.items()))
-        lines = [line for line, _ in items]
-        raise UserError(f"{self.path}: {describe_lines(lines)}: {items[0][1]} (check: {check})")
-
-
-# ------------------------------------------------------------------------------------------- readers
-
-
-def _iter_lines(handle: BinaryIO, limit: int) -> Iterator[tuple[int, bytes | None, int]]:
-    """(line number, bytes or None when longer than `limit`, size), without reading a huge line whole."""
-    lineno = 0
-    while True:
-        chunk = handle.readline(limit + 1)
-        if not chunk:
-            return
-        lineno += 1
-        size = len(chunk)
-        if size > limit and not chunk.endswith(b"\n"):
-            while chunk and not chunk.endswith(b"\n"):  # skip the rest of the oversized line
-                chunk = handle.readline(1 << 20)
-                size += len(chunk)
-            yield lineno, None, size
-            continue
-        yield lineno, chunk.rstrip(b"\r\n"), size
-
-
-def _utf8_problem(raw: bytes) -> str | None:
-    try:
-        raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        return f"not valid UTF-8 (byte 0x{raw[exc.start]:02x} at byte offset {exc.start})"
-    return None
-
-
-def _read_jsonl(path: Path, max_row_bytes: int) -> list[tuple[int, dict[str, Any]]]:
-    problems = _Problems(path)
-    records: list[tuple[int, dict[str, Any]]] = []
-    with path.open("rb") as handle:
-        for lineno, raw, size in _iter_lines(handle, max_row_bytes):
-            if raw is None:
-                problems.add(
-                    "max_row_bytes", lineno, f"row is {size} bytes, over data.max_row_bytes={max_row_bytes}"
-                )
-                continue
-            if lineno == 1 and raw.startswith(_BOM):
-                raw = raw[len(_BOM) :]
-            if not raw.strip():
-                continue
-            bad = _utf8_problem(raw)
-            if bad:
-                problems.add("utf8", lineno, bad)
-                continue
-            try:
-                obj = json.loads(raw.decode("utf-8"))
-            except json.JSONDecodeError as exc:
-                problems.add("json", lineno, f"malformed JSON ({exc.msg} at column {exc.colno})")
-                continue
-            if not isinstance(obj, dict):
-                problems.add("json", lineno, f"expected a JSON object per line, got {type(obj).__name__}")
-                continue
-            records.append((lineno, obj))
-    _raise_in_order(problems, ("max_row_bytes", "utf8", "json"))
-    return records
-
-
-def _raise_in_order(problems: _Problems, order: tuple[str, ...]) -> None:
-    """Report the most fundamental check first (size before encoding before syntax)."""
-    problems.by_check = {k: problems.by_check[k] for k in order if k in problems.by_check}
-    problems.raise_first()
-
-
-def _read_csv(path: Path, max_row_bytes: int) -> list[tuple[int, dict[str, Any]]]:
-    data = path.read_bytes()
-    if data.startswith(_BOM):
-        data = data[len(_BOM) :]
-    problems = _Problems(path)
-    for lineno, raw in enumerate(data.split(b"\n"), 1):  # encoding is checked per physical line
-        bad = _utf8_problem(raw)
-        if bad:
-            problems.add("utf8", lineno, bad)
-    problems.raise_first()
-    text = data.decode("utf-8")
-    if not text.strip():
-        return []
-    # The csv module refuses fields over its limit; keep ours the one that speaks.
-    csv.field_size_limit(max(csv.field_size_limit(), max_row_bytes + 1))
-    reader = csv.DictReader(io.StringIO(text, newline=""), restkey="__extra__")
-    records: list[tuple[int, dict[str, Any]]] = []
-    start = 1
-    try:
-        _ = reader.fieldnames  # reads the header, so line_num counts from the first record
-        start = reader.line_num + 1
-        for record in reader:
-            size = sum(len(str(v).encode("utf-8")) for v in record.values() if v is not None)
-            if size > max_row_bytes:
-                problems.add(
-                    "max_row_bytes", start, f"row is {size} bytes, over data.max_row_bytes={max_row_bytes}"
-                )
-            elif "__extra__" in record:
-                problems.add(
-                    "columns", start, f"{len(record['__extra__'])} more field(s) than the header names"
-                )
-            elif any(v is not None and v.strip() for v in record.values()):
-                records.append((start, record))
-            start = reader.line_num + 1
-    except csv.Error as exc:
-        if "field larger than field limit" in str(exc):
-            problems.add("max_row_bytes", start, f"a field is over data.max_row_bytes={max_row_bytes}")
-        else:
-            problems.add("csv", start, f"malformed CSV ({exc})")
-    _raise_in_order(problems, ("max_row_bytes", "csv", "columns"))
-    if reader.fieldnames is not None and len(set(reader.fieldnames)) != len(reader.fieldnames):
-        raise UserError(
-            f"{path}: line 1: the header repeats a column name: {reader.fieldnames} (check: columns)"
-        )
-    return records
-
-
-def _read_parquet(path: Path, max_row_bytes: int) -> list[tuple[int, dict[str, Any]]]:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    try:
-        table = pq.read_table(path)
-    except (pa.ArrowException, OSError) as exc:
-        raise UserError(f"{path}: not a readable Parquet file ({exc}) (check: parquet)") from None
-    problems = _Problems(path)
-    records: list[tuple[int, dict[str, Any]]] = []
-    for index, record in enumerate(table.to_pylist(), 1):
-        size = len(json.dumps(record, default=str).encode("utf-8"))
-        if size > max_row_bytes:
-            problems.add(
-                "max_row_bytes", index, f"row is {size} bytes, over data.max_row_bytes={max_row_bytes}"
-            )
-            continue
-        records.append((index, record))
-    problems.raise_first()
-    return records
+def _batched(
+    records: Iterator[tuple[int, dict[str, Any]]], size: int
+) -> Iterator[list[tuple[int, dict[str, Any]]]]:
+    batch: list[tuple[int, dict[str, Any]]] = []
+    for item in records:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
 # ------------------------------------------------------------------------------------------- schemas
@@ -337,7 +219,7 @@ _REQUIRED = {
 }
 
 
-def _text(value: Any, column: str, line: int, problems: _Problems) -> str | None:
+def _text(value: Any, column: str, line: int, problems: Problems) -> str | None:
     """A text cell: a string (stripped), None for null; anything else is a type error."""
     if value is None:
         return None
@@ -351,7 +233,7 @@ def _text(value: Any, column: str, line: int, problems: _Problems) -> str | None
     return value.strip()
 
 
-def _normalize(schema: str, line: int, record: dict[str, Any], problems: _Problems) -> dict[str, Any] | None:
+def _normalize(schema: str, line: int, record: dict[str, Any], problems: Problems) -> dict[str, Any] | None:
     missing = [c for c in _REQUIRED[schema] if c not in record]
     if missing:
         problems.add("columns", line, f"missing column(s) {missing} for schema {schema}")
@@ -398,7 +280,7 @@ def _normalize(schema: str, line: int, record: dict[str, Any], problems: _Proble
 
 
 def _from_messages(
-    messages: Any, line: int, problems: _Problems
+    messages: Any, line: int, problems: Problems
 ) -> tuple[str | None, str | None, str | None, list[dict[str, str]]]:
     """(last question, its answer, system message, the turns before the last question)."""
     if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):

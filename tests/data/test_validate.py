@@ -63,7 +63,8 @@ def test_clean_dataset_passes_and_writes_the_contract(
     assert report["counts"] == {"rows_in": 40, "dropped": 0, "rows_out": 40, "dropped_by_check": {}}
     assert sum(report["token_lengths"]["histogram"]["counts"]) == 40 and report["truncation_rate"] == 0.0
     docs = Path(result["data_docs"])
-    assert docs.is_file() and (docs.parent / "validations" / "qa_rows" / "validated").is_dir()
+    assert docs.is_file() and (docs.parent / "validations" / "qa_table" / "validated").is_dir()
+    assert (docs.parent / "validations" / "qa_rows" / "input rows 1-40").is_dir()  # the row suite, per chunk
 
 
 def test_drop_policy_removes_each_offending_row_with_its_reason(
@@ -85,7 +86,7 @@ def test_drop_policy_removes_each_offending_row_with_its_reason(
     assert by_line[33]["reason"] == "duplicate question of line 1"
     assert by_line[34]["reason"].startswith("near-duplicate question of line 31 (word 3-gram Jaccard 0.9")
     assert by_line[35]["reason"] == "user text contains control sequence(s) <s>, [/INST]"
-    assert by_line[36]["reason"].endswith("tokens after the prompt template, over train.max_length=256")
+    assert by_line[36]["reason"].endswith("tokens as the chat template renders it, over train.max_length=256")
     assert by_line[36]["id"] == "t1"
     assert result["rows_out"] == 31 and report["truncation_rate"] > 0
     kept = {r["id"] for r in _read(run_dir / "data" / "train.jsonl") + _read(run_dir / "data" / "eval.jsonl")}
@@ -196,6 +197,16 @@ def test_multi_turn_rows_keep_their_turns(tmp_path: Path, make_cfg: Callable[...
     assert all("history" not in r for r in _read(run_dir / "data" / "train.jsonl")[1:])
 
 
+def test_a_file_over_max_rows_is_refused_and_nothing_is_written(
+    tmp_path: Path, make_cfg: Callable[..., Config]
+) -> None:
+    source = write_jsonl(tmp_path / "qa.jsonl", qa_rows(120))
+    with pytest.raises(UserError) as err:
+        validate_dataset(make_cfg(source, ("data.max_rows", 100)), tmp_path / "run")
+    assert str(err.value) == f"{source}: 120 rows, over data.max_rows=100 (check: row_count)"
+    assert not (tmp_path / "run" / "data").exists() and not (tmp_path / "run" / "reports").exists()
+
+
 def test_split_is_stable_when_rows_are_appended(tmp_path: Path, make_cfg: Callable[..., Config]) -> None:
     def splits(run_dir: Path) -> dict[str, str]:
         return {
@@ -251,11 +262,12 @@ def test_committed_gx_project_matches_the_code(tmp_path: Path) -> None:
         ]
 
     fresh = write_gx_project(tmp_path)
-    assert expectations(REPO_ROOT / "gx" / "expectations" / "qa_rows.json") == expectations(
-        fresh / "expectations" / "qa_rows.json"
-    ), "gx/ is stale: regenerate it with tasks.stages.validate.write_gx_project(REPO_ROOT)"
-    checkpoint = json.loads((REPO_ROOT / "gx" / "checkpoints" / "qa_rows.json").read_text())
-    assert checkpoint["result_format"]["unexpected_index_column_names"] == ["line"]
+    for suite in ("qa_rows", "qa_table"):
+        assert expectations(REPO_ROOT / "gx" / "expectations" / f"{suite}.json") == expectations(
+            fresh / "expectations" / f"{suite}.json"
+        ), "gx/ is stale: regenerate it with tasks.stages.validate.write_gx_project(REPO_ROOT)"
+        checkpoint = json.loads((REPO_ROOT / "gx" / "checkpoints" / f"{suite}.json").read_text())
+        assert checkpoint["result_format"]["unexpected_index_column_names"] == ["line"]
 
 
 def test_near_duplicates_match_brute_force() -> None:

@@ -86,6 +86,34 @@ def test_same_content_same_hash_and_a_change_changes_it(
     assert again["pushed_objects"] == 0  # already in the remote: nothing to send
 
 
+def test_the_split_enters_the_cache_without_a_second_copy(
+    tmp_path: Path, origin: Path, make_cfg: Callable[..., Config]
+) -> None:
+    """On one filesystem the cache object is the split's own file (a hardlink), not a copy: a split of
+    hundreds of MB costs its disk once more only in the remote. A reflink-capable filesystem clones it
+    instead (also no second copy of the blocks), and another filesystem forces DVC to copy."""
+    import os
+
+    from dvc_objects.fs.system import reflink
+
+    run_dir = _split(tmp_path / "run", "t\n" * 1000, "e\n")
+    md5 = version_dataset(make_cfg(tmp_path / "x.jsonl"), run_dir)["files"]["train.jsonl"]
+    cached = origin / ".dvc" / "cache" / "files" / "md5" / md5[:2] / md5[2:]
+    split = run_dir / "data" / "train.jsonl"
+    assert cached.read_bytes() == split.read_bytes()
+    if os.stat(cached).st_dev != os.stat(split).st_dev:
+        pytest.skip("the DVC cache and the run directory are on different filesystems: DVC must copy")
+    probe = tmp_path / "probe"
+    probe.write_text("x")
+    try:
+        reflink(str(probe), str(tmp_path / "probe-clone"))
+        pytest.skip("this filesystem clones files (reflink): the cache object is a clone, not the same inode")
+    except OSError:
+        pass
+    assert os.path.samefile(cached, split)
+    assert (tmp_path / "remote" / "files" / "md5" / md5[:2] / md5[2:]).is_file()  # the remote's own copy
+
+
 def test_hash_equals_what_dvc_add_records(
     tmp_path: Path, origin: Path, make_cfg: Callable[..., Config]
 ) -> None:

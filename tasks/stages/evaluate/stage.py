@@ -35,7 +35,7 @@ from tasks.core.reuse import fingerprint, reusable
 from tasks.plumbing.chat import ChatFormat, chat_format, check_same_format
 from tasks.plumbing.loading import load_tokenizer, resolve_base
 from tasks.plumbing.registry import fetched_champion
-from tasks.plumbing.splits import read_split
+from tasks.plumbing.splits import eval_sample
 from tasks.stages.evaluate.metrics import aggregate, decide_gate
 from tasks.stages.evaluate.outputs import model_cis, write_outputs
 from tasks.stages.evaluate.records import MODELS, Evaluation, finite
@@ -103,8 +103,7 @@ def evaluate_against(cfg: Config, run_dir: Path, champion: Mapping[str, Any] | N
 def _read_inputs(cfg: Config, layout: RunLayout) -> list[dict[str, str]]:
     """The eval rows in a fixed order (by id: a content hash, so a stable pseudo-random subset), after
     checking the adapter is there: input errors surface before the registry or a model is touched."""
-    rows = sorted(read_split(layout.eval_split, "eval split"), key=lambda r: (r["id"], r["question"]))
-    rows = rows[: cfg.eval.max_rows]
+    rows = eval_sample(layout.eval_split, cfg.eval.max_rows)
     if not (layout.adapter_dir / "adapter_config.json").is_file():
         raise UserError(f"{layout.adapter_dir}: no adapter_config.json; run `qa-lora train` first")
     log.info("evaluating on %d eval rows (%d categories)", len(rows), len({r["category"] for r in rows}))

@@ -17,7 +17,7 @@ from tasks.core.config import Config
 from tasks.core.errors import UserError
 from tasks.core.layout import RunLayout
 from tasks.plumbing.onnx_generate import LAYOUT_FILE
-from tasks.plumbing.splits import read_split
+from tasks.plumbing.splits import eval_sample
 from tasks.stages.export.onnx_graph import ONNX_GRAPH
 
 # Bump when a change here changes what an export contains: a stored export made by older code is redone.
@@ -37,8 +37,7 @@ def check_inputs(layout: RunLayout) -> None:
 
 def parity_questions(path: Path, n: int) -> list[str]:
     """The first `n` eval questions in id order (stable across runs)."""
-    rows = sorted((r["id"], r["question"]) for r in read_split(path, "eval split"))
-    return [q for _, q in rows[:n]]
+    return [r["question"] for r in eval_sample(path, n)]
 
 
 def export_fingerprint(cfg: Config, layout: RunLayout, base_src: str, questions: Sequence[str]) -> str:

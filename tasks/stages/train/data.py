@@ -6,15 +6,13 @@ and tokenized in batches into `input_ids` and `labels` (-100 everywhere but the 
 answer and its end-of-turn token), truncated to `train.max_length`. The result is an Arrow dataset on
 disk under run_dir/train/tokenized/, keyed by the split file's hash, the chat format and the settings, so
 a retry or a resumed run maps it back instead of tokenizing again, and no step holds the rows as Python
-objects. The in-training evaluation uses a bounded sample of the eval split (`eval.max_rows` rows chosen
-by a hash of their id: the same rows every run). :func:`check_collation` inspects one collated batch
+objects. The in-training evaluation uses a bounded sample of the eval split: the `eval.max_rows` rows the
+evaluate stage scores (tasks/plumbing/splits.py: the same rows every run). :func:`check_collation` inspects one collated batch
 before training to prove the masking.
 """
 
 from __future__ import annotations
 
-import hashlib
-import heapq
 import json
 import logging
 import os
@@ -24,11 +22,11 @@ from typing import Any
 
 from tasks.core.reuse import fingerprint
 from tasks.plumbing.chat import ChatFormat
-from tasks.plumbing.splits import read_split_rows
+from tasks.plumbing.splits import eval_sample, read_split_rows
 
 log = logging.getLogger("qa_lora.train")
 
-DATA_VERSION = 1  # bump when the tokenized layout changes: older caches are not reused
+DATA_VERSION = 2  # bump when the tokenized layout changes: older caches are not reused
 ENCODE_BATCH = 1000
 _PARALLEL_ROWS = 50_000  # below this, worker processes cost more than they save
 
@@ -36,14 +34,16 @@ _PARALLEL_ROWS = 50_000  # below this, worker processes cost more than they save
 def tokenized_split(
     chat: ChatFormat, path: Path, cache_dir: Path, max_length: int, sample: int | None = None
 ) -> Any:
-    """The split at `path` as a memory-mapped `datasets.Dataset` of `input_ids` and `labels`.
+    """The split at `path` as a memory-mapped `datasets.Dataset` of `input_ids`, `labels` and `complete`
+    (the sequence ends with its end-of-turn token, uncut: the collation check reads this small column
+    instead of every row's labels).
 
     Args:
         chat: the chat format of the base (renders, masks, tokenizes).
         path: a split file (run_dir/data/train.jsonl or eval.jsonl).
         cache_dir: where the Arrow files live (run_dir/train/tokenized); reused when the key matches.
         max_length: sequences are cut to this many tokens (validation drops longer rows).
-        sample: at most this many rows, chosen by a hash of their id (None: every row).
+        sample: at most this many rows, the evaluate stage's sample (None: every row).
     """
     from datasets import Dataset, Features, Value
 
@@ -62,6 +62,7 @@ def tokenized_split(
         _encode_batch,
         batched=True,
         batch_size=ENCODE_BATCH,
+        writer_batch_size=ENCODE_BATCH,
         fn_kwargs={"chat": chat, "max_length": max_length},
         remove_columns=rows.column_names,
         new_fingerprint=key,
@@ -73,9 +74,7 @@ def tokenized_split(
 def _rows(path: str, sample: int | None, key: str) -> Iterator[dict[str, str | None]]:
     """Split rows for Arrow (history as JSON text); `key` only names the cache entry."""
     del key
-    rows: Any = read_split_rows(Path(path))
-    if sample is not None:
-        rows = heapq.nsmallest(sample, rows, key=lambda r: hashlib.sha256(r["id"].encode()).digest())
+    rows = read_split_rows(Path(path)) if sample is None else eval_sample(Path(path), sample)
     for row in rows:
         history = row.get("history")
         yield {
@@ -93,13 +92,20 @@ def _encode_batch(batch: dict[str, list[Any]], chat: ChatFormat, max_length: int
             batch["question"], batch["answer"], batch["system"], batch["history"], strict=True
         )
     ]
-    encoded = chat.encode(rows)
-    return {
-        "input_ids": [ids[:max_length] for ids, _ in encoded],
-        "labels": [
-            [t if m else -100 for t, m in zip(ids, mask, strict=True)][:max_length] for ids, mask in encoded
-        ],
-    }
+    out: dict[str, list[Any]] = {"input_ids": [], "labels": [], "complete": []}
+    for ids, mask in chat.encode(rows):
+        out["input_ids"].append(ids[:max_length])
+        out["labels"].append(_labels(ids, mask)[:max_length])
+        out["complete"].append(len(ids) <= max_length and ids[-1] == chat.end_of_turn_id)
+    return out
+
+
+def _labels(ids: list[int], mask: list[int]) -> list[int]:
+    """`ids` with -100 where the mask is 0 (one answer: the masked prompt, then the answer as is)."""
+    first = mask.index(1) if 1 in mask else len(mask)
+    if all(mask[first:]):
+        return [-100] * first + ids[first:]
+    return [t if m else -100 for t, m in zip(ids, mask, strict=True)]
 
 
 def sequence_lengths(data: Any) -> Any:
@@ -158,19 +164,6 @@ class EpochSampler:
         return iter([i for batch in batches + tail for i in batch])
 
 
-def last_labels(data: Any) -> Any:
-    """The last label of every row (numpy), read from the Arrow buffers without materialising the rows."""
-    import numpy as np
-
-    column = _column(data, "labels")
-    parts = []
-    for chunk in getattr(column, "chunks", [column]):
-        offsets = chunk.offsets.to_numpy()
-        values = chunk.values.to_numpy(zero_copy_only=False)
-        parts.append(values[offsets[1:] - 1])
-    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
-
-
 def _column(data: Any, name: str) -> Any:
     """A column as Arrow (memory-mapped, no Python objects), honouring a selection of rows."""
     return data.with_format("arrow")[name]
@@ -191,7 +184,7 @@ def check_collation(trainer: Any, chat: ChatFormat) -> dict[str, Any]:
     eot, pad = chat.end_of_turn_id, chat.tokenizer.pad_token_id
     data = trainer.train_dataset
     lengths = sequence_lengths(data)
-    truncated = int((last_labels(data) != eot).sum())
+    truncated = int((~_column(data, "complete").to_numpy(zero_copy_only=False)).sum())
     if truncated:
         log.warning(
             "%d of %d train rows were cut at train.max_length and lose their end-of-turn token "

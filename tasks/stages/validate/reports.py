@@ -9,57 +9,60 @@ from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from tasks.core.artifacts import atomic_dir, write_json_atomic
 from tasks.core.config import Config
 from tasks.core.layout import RunLayout
-from tasks.plumbing.dataio import LoadedData
+from tasks.plumbing.dataio import DatasetReader
 from tasks.plumbing.splits import CONVERSATION_FIELDS
-from tasks.stages.validate.suite import SUITE
+from tasks.stages.validate.facts import Scan
+from tasks.stages.validate.policies import Outcome
+from tasks.stages.validate.suite import SUITES
 
 OUTPUT_FIELDS = ("id", "question", "answer", "category")
 HIST_BINS = 8
 
 
 def build_report(
-    cfg: Config, loaded: LoadedData, frame: Any, dropped: list[dict[str, Any]], failed: list[dict[str, Any]]
+    cfg: Config, reader: DatasetReader, scan: Scan, outcome: Outcome, table_failed: list[dict[str, Any]]
 ) -> dict[str, Any]:
     """The data-quality report (status "running" until the stage decides): counts, drops, lengths, GX.
 
     Args:
         cfg: the run's configuration.
-        loaded: the dataset as read (path, format, schema).
-        frame: every input row with its facts.
-        dropped: the rows the policies drop (an `id` is added to each).
-        failed: the failed expectations of the input run.
+        reader: the dataset as read (path, format, schema).
+        scan: pass 1's facts of every row.
+        outcome: pass 2's decisions (drops, the row suite's failures merged over the chunks).
+        table_failed: the table suite's failures on the input.
     """
-    ids = dict(zip(frame["line"], frame["id"], strict=True))
-    for item in dropped:
-        item["id"] = ids.get(item["line"])
-    lengths = frame["n_tokens"].dropna().to_numpy()
+    lengths = scan.n_tokens[~np.isnan(scan.n_tokens)]
     over = int((lengths > cfg.train.max_length).sum())
+    failed = [*outcome.failed.values(), *table_failed]
     return {
         "status": "running",
-        "source": str(loaded.path),
-        "format": loaded.format,
-        "schema": loaded.schema,
+        "source": str(reader.path),
+        "format": reader.format,
+        "schema": reader.schema,
         "counts": {
-            "rows_in": len(frame),
-            "dropped": len(dropped),
-            "rows_out": len(frame) - len(dropped),
-            "dropped_by_check": dict(Counter(item["check"] for item in dropped)),
+            "rows_in": scan.rows,
+            "dropped": len(outcome.dropped),
+            "rows_out": scan.rows - len(outcome.dropped),
+            "dropped_by_check": dict(Counter(item["check"] for item in outcome.dropped)),
         },
         "policies": cfg.data.policies.model_dump(),
-        "dropped": dropped,
-        "chat": frame.attrs.get("chat"),
-        "token_lengths": _token_lengths(
-            lengths, cfg.train.max_length, (frame.attrs.get("chat") or {}).get("example")
-        ),
+        "dropped": outcome.dropped,
+        "chat": scan.chat,
+        "token_lengths": _token_lengths(lengths, cfg.train.max_length, scan.chat.get("example")),
         "truncation_rate": round(over / len(lengths), 6) if len(lengths) else 0.0,
         "split": {"salt": cfg.data.split_salt, "eval_fraction": cfg.data.eval_fraction},
         "gx": {
-            "suite": SUITE,
+            "suites": list(SUITES),
+            "row_suite_batches": outcome.chunks,
             "input_failed": [
-                {k: v for k, v in f.items() if k != "lines"} | {"rows": len(f["lines"])} for f in failed
+                {k: v for k, v in f.items() if k != "lines"}
+                | {"rows": f.get("unexpected_count") or len(f["lines"])}
+                for f in failed
             ],
             "validated_success": None,
         },
@@ -67,8 +70,6 @@ def build_report(
 
 
 def _token_lengths(lengths: Any, max_length: int, template: str | None) -> dict[str, Any]:
-    import numpy as np
-
     edges = [int(x) for x in np.linspace(0, max_length, HIST_BINS + 1)]
     counts = [int(((lengths > lo) & (lengths <= hi)).sum()) for lo, hi in pairwise(edges)]
     over = int((lengths > max_length).sum())
@@ -91,18 +92,20 @@ def write_reports(layout: RunLayout, report: dict[str, Any], docs_dir: Path) -> 
     write_json_atomic(layout.data_quality, report)
 
 
-def write_split(layout: RunLayout, train: Any, evals: Any) -> None:
-    """Write data/{train,eval}.jsonl atomically: both files appear together or not at all."""
-    with atomic_dir(layout.data_dir) as tmp:
-        _write_jsonl(tmp / layout.train_split.name, train)
-        _write_jsonl(tmp / layout.eval_split.name, evals)
+class SplitWriter:
+    """data/{train,eval}.jsonl written row by row as pass 2 keeps them, into a directory published whole."""
 
+    def __init__(self, directory: Path, layout: RunLayout) -> None:
+        self.train = (directory / layout.train_split.name).open("w", encoding="utf-8")
+        self.eval = (directory / layout.eval_split.name).open("w", encoding="utf-8")
+        self.counts = {"train": 0, "eval": 0}
 
-def _write_jsonl(path: Path, frame: Any) -> None:
-    with path.open("w", encoding="utf-8") as handle:
-        for row in frame.itertuples(index=False):
-            record = {name: getattr(row, name) for name in OUTPUT_FIELDS}
-            record.update(
-                {k: v for k in CONVERSATION_FIELDS if isinstance(v := getattr(row, k), str | list) and v}
-            )
-            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+    def write(self, row: dict[str, Any], is_eval: bool) -> None:
+        record = {name: row[name] for name in OUTPUT_FIELDS}
+        record.update({k: v for k in CONVERSATION_FIELDS if (v := row.get(k))})
+        (self.eval if is_eval else self.train).write(json.dumps(record, ensure_ascii=False) + "\n")
+        self.counts["eval" if is_eval else "train"] += 1
+
+    def close(self) -> None:
+        self.train.close()
+        self.eval.close()

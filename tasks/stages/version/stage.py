@@ -8,6 +8,9 @@ How this coexists with dvc.yaml and a gitignored `runs/`:
   copy it to the remote. So it works for any run directory: runs/<dag run id>/ (gitignored),
   runs/dvc/ (an `outs` of the validate stage in dvc.yaml) or a temporary folder in tests, and it never
   competes with dvc.yaml/dvc.lock for ownership of a path.
+- The split's files enter the cache by reflink or hardlink where the filesystem allows (copy otherwise:
+  another filesystem), so a large split costs its disk once more only in the remote; DVC marks cache
+  objects read-only, and so the split's files too when they are hardlinked.
 - The hash is DVC's md5 of the directory (`<md5>.dir`), the same value `dvc add` or dvc.lock records
   for identical content: same bytes -> same `dataset_hash`, whichever way the data was versioned.
 - It takes no repository lock (only locked commands such as `dvc add` do), so it also runs as a
@@ -83,7 +86,9 @@ def version_dataset(cfg: Config, run_dir: Path) -> dict[str, Any]:
     with _open_repo(REPO_ROOT, remote) as repo:
         cache = repo.cache.local
         staging, meta, obj = build(cache, str(data_dir.resolve()), LocalFileSystem(), "md5")
-        transfer(staging, cache, {obj.hash_info}, shallow=False)
+        # Into the cache by reflink or hardlink where the filesystem allows (copy otherwise): a split of
+        # hundreds of MB is not duplicated on the disk it lies on; the remote gets its one copy.
+        transfer(staging, cache, {obj.hash_info}, shallow=False, hardlink=True)
         with _remote_errors(cfg, "push to", remote) as errors:
             odb = repo.cloud.get_remote_odb(REMOTE_NAME, "push")
             result = transfer(cache, odb, {obj.hash_info}, shallow=False)
