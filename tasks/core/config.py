@@ -181,6 +181,15 @@ class TrainConfig(_Section):
         1, ge=1, le=64, title="Processes (GPUs)", description="> 1 launches torchrun (DDP or FSDP)."
     )
     distributed: Literal["ddp", "fsdp"] = "ddp"
+    # Several nodes: torchrun's elastic agent on each, meeting at a c10d rendezvous (README, "More than one
+    # node"). num_processes is per node; the endpoint is host:port, or else taken from the environment a
+    # scheduler sets (PET_RDZV_ENDPOINT, MASTER_ADDR + MASTER_PORT).
+    nnodes: int = Field(1, ge=1, le=256, title="Nodes")
+    rdzv_endpoint: str | None = Field(None, pattern=r"^[A-Za-z0-9.\-\[\]:]+:\d+$")
+    rdzv_timeout_s: int = Field(300, ge=10)  # how long agents wait for every node to (re)join
+    max_restarts: int = Field(
+        0, ge=0, le=100
+    )  # worker-group restarts after a failure, from the last checkpoint
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     gradient_checkpointing: Literal["auto"] | bool = "auto"
     attn_implementation: Literal["auto", "eager", "sdpa", "flash_attention_2"] = "auto"

@@ -131,12 +131,30 @@ def _info(cfg: Any, params: Any = None) -> dict[str, Any]:
     }
     # With a preset, this machine is reported as detected: a GPU preset is sized on a laptop too.
     here = describe_device("auto" if params is not None else cfg.runtime.device)
-    report = {**here, **verdicts, "onnxruntime": describe_runtime()}
+    report = {**here, **verdicts, "onnxruntime": describe_runtime(), "training": _distributed(cfg)}
     if params is not None:
         from tasks.stages.train.capacity import capacity_plan
 
         report["training_on_mi300x"] = {"params": str(params), **capacity_plan(cfg)}
     return report
+
+
+def _distributed(cfg: Any) -> dict[str, Any]:
+    """How the train stage would run: processes per node, nodes, world size, strategy, rendezvous."""
+    t = cfg.train
+    world = t.num_processes * t.nnodes
+    rendezvous = "standalone (one node)"
+    if t.nnodes > 1:
+        rendezvous = t.rdzv_endpoint or "from the scheduler's environment (PET_RDZV_ENDPOINT, MASTER_ADDR)"
+    return {
+        "processes_per_node": t.num_processes,
+        "nodes": t.nnodes,
+        "world_size": world,
+        "distributed": t.distributed if world > 1 else None,
+        "launcher": "in process" if world == 1 else "torchrun",
+        "rendezvous": rendezvous if world > 1 else None,
+        "max_restarts": t.max_restarts,
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> int:

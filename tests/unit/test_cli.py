@@ -89,6 +89,21 @@ def test_info_reports_device_and_plan() -> None:
     assert report["plan"]["device"] == "cpu"
     assert report["plan"]["precision"] in ("fp32", "bf16")
     assert report["plan"]["reasons"]
+    assert report["training"] == {
+        "processes_per_node": 1, "nodes": 1, "world_size": 1, "distributed": None, "launcher": "in process",
+        "rendezvous": None, "max_restarts": 0,
+    }  # fmt: skip
+
+
+def test_info_shows_the_distributed_setting_it_would_use() -> None:
+    proc = _run(
+        "info", "--set", "runtime.device=cpu", "--set", "train.num_processes=8", "--set", "train.nnodes=4",
+        "--set", "train.distributed=fsdp", "--set", "train.rdzv_endpoint=qa-train-0.qa-train:29400",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    training = json.loads(proc.stdout)["training"]
+    assert (training["world_size"], training["distributed"], training["launcher"]) == (32, "fsdp", "torchrun")
+    assert training["rendezvous"] == "qa-train-0.qa-train:29400"
 
 
 def test_auto_device_is_what_torch_sees(torch_backend: str) -> None:

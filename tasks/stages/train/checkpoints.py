@@ -87,12 +87,18 @@ def prepare_output(layout: RunLayout, expected: str) -> None:
         elif stale.exists():
             stale.unlink()
     ckpt_dir.mkdir(parents=True, exist_ok=True)
+    remove_incomplete(ckpt_dir)
+    if not state or state.get("fingerprint") != expected:
+        write_json_atomic(ckpt_dir / STATE_FILE, {"fingerprint": expected})
+
+
+def remove_incomplete(ckpt_dir: Path) -> None:
+    """Delete half-written checkpoints (a process killed while saving): never resumed from, and a later
+    save of the same step must not meet their files."""
     for path in checkpoints(ckpt_dir):
         if not is_complete(path):
             log.warning("removing half-written checkpoint %s (crashed while saving)", path.name)
             shutil.rmtree(path, ignore_errors=True)
-    if not state or state.get("fingerprint") != expected:
-        write_json_atomic(ckpt_dir / STATE_FILE, {"fingerprint": expected})
 
 
 def read_state(ckpt_dir: Path) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from tasks.plumbing.loading import BaseRef, load_tokenizer, resolve_base
 from tasks.stages.train.checkpoints import (
     latest_complete_checkpoint,
     read_state,
+    remove_incomplete,
     tokens_at,
     training_fingerprint,
 )
@@ -80,6 +81,8 @@ def open_context(cfg: Config, run_dir: Path, base: BaseRef | None, info: dict[st
     if rank != 0:
         log.setLevel(logging.WARNING)  # one progress log, from rank 0
     layout = RunLayout.of(run_dir)
+    if rank == 0 and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
+        remove_incomplete(layout.checkpoints_dir)  # the worker group was restarted: saves may be cut short
     base = base or resolve_base(cfg)
     return Context(
         cfg=cfg,

@@ -16,9 +16,10 @@ run_dir/train/train_summary.json and loss.csv; one MLflow run per training (reus
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +56,7 @@ def train_adapter(cfg: Config, run_dir: Path, *, callbacks: Sequence[Any] = ()) 
         ValueError: `callbacks` given with more than one training process.
     """
     started = time.perf_counter()
-    if callbacks and cfg.train.num_processes > 1:
+    if callbacks and (cfg.train.num_processes > 1 or cfg.train.nnodes > 1):
         raise ValueError("train_adapter: callbacks need train.num_processes == 1 (they stay in this process)")
     layout = RunLayout.of(run_dir)
     fingerprint = training_fingerprint(cfg, layout)
@@ -66,7 +67,8 @@ def train_adapter(cfg: Config, run_dir: Path, *, callbacks: Sequence[Any] = ()) 
 
     base = _base_model(cfg)
     info = inspect_base(cfg, base)
-    prepare_output(layout, fingerprint)
+    with _nodes_in_turn(cfg, layout):  # every node runs this stage on the shared run directory
+        prepare_output(layout, fingerprint)
     summary = _train(cfg, layout, base, info, started, callbacks)
     return _result(summary, layout, status="resumed" if summary.get("resumed_from_step") else "trained")
 
@@ -89,10 +91,10 @@ def _train(
     callbacks: Sequence[Any],
 ) -> dict[str, Any]:
     """One process here, or N through torchrun; returns rank 0's summary."""
-    if cfg.train.num_processes > 1:
+    if cfg.train.num_processes > 1 or cfg.train.nnodes > 1:
         _measure_once(cfg, layout, base, info)
         launch_processes(cfg, layout)
-        return read_json(layout.train_summary)
+        return _rank0_summary(layout, training_fingerprint(cfg, layout))
     import torch
 
     threads = torch.get_num_threads()
@@ -104,6 +106,24 @@ def _train(
     return summary
 
 
+def _rank0_summary(layout: RunLayout, fingerprint: str, timeout_s: float = 600) -> dict[str, Any]:
+    """The summary global rank 0 writes: on another node the workers may end first, so wait for it.
+
+    Raises:
+        RuntimeError: none with this training's fingerprint appeared within `timeout_s`.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        summary = finished_summary(layout, fingerprint)
+        if summary is not None:
+            return summary
+        if time.monotonic() > deadline:
+            raise RuntimeError(
+                f"{layout.train_summary}: rank 0 wrote no summary of this training within {timeout_s} s"
+            )
+        time.sleep(1)
+
+
 def _measure_once(cfg: Config, layout: RunLayout, base: BaseRef, info: dict[str, Any]) -> None:
     """Measure `precision: auto` and `kernels: auto` here, before torchrun: the workers then read the
     cached verdicts, so every rank trains alike and the measurement is not run N times at once."""
@@ -113,6 +133,21 @@ def _measure_once(cfg: Config, layout: RunLayout, base: BaseRef, info: dict[str,
     verdict = precision_verdict(cfg, layout, base, info, caps)
     precision = plan_device(caps, verdict.choice if verdict else cfg.train.precision).precision
     kernels_verdict(cfg, layout, base, info, caps, precision)
+
+
+@contextlib.contextmanager
+def _nodes_in_turn(cfg: Config, layout: RunLayout) -> Iterator[None]:
+    """With several nodes, one at a time (a lock on the shared run directory): no node can remove
+    checkpoints another is about to resume from. Training starts only once every node has rendezvoused,
+    so no checkpoint is being written meanwhile."""
+    if cfg.train.nnodes == 1:
+        yield
+        return
+    from filelock import FileLock
+
+    layout.train_dir.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(layout.train_dir / ".prepare.lock")):
+        yield
 
 
 def _result(summary: dict[str, Any], layout: RunLayout, status: str) -> dict[str, Any]:

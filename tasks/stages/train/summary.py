@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 from typing import Any
 
@@ -43,7 +44,9 @@ def build_summary(
         "kernels_verdict": device.kernels_verdict.to_dict() if device.kernels_verdict else None,
         "train_memory_estimate_bytes": device.estimate,
         "processes": ctx.world,
+        "nodes": t.nnodes,
         "distributed": t.distributed if ctx.world > 1 else None,
+        "worker_restarts": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")),
         "base": {"name_or_path": ctx.base.ref, "revision": cfg.base.revision, "kind": cfg.base.kind},
         "lora": cfg.lora.model_dump(mode="json"),
         "trainable_params": inputs.trainable,

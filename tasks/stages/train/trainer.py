@@ -105,6 +105,9 @@ def sft_config(cfg: Config, plan: Any, ckpt_dir: Path, world: int, cpu_count: in
         logging_strategy="steps",
         logging_steps=t.logging_steps,
         report_to="none",  # MLflow through tasks.plumbing.tracking, one run per training
+        # Across nodes, a peer lost mid-collective must not hold a worker for torch's 30 minutes: the
+        # agents restart the group or give up within the rendezvous timeout (distributed.py).
+        ddp_timeout=max(600, t.rdzv_timeout_s) if t.nnodes > 1 else 1800,
         disable_tqdm=not sys.stderr.isatty(),  # progress bars garble non-TTY logs (Airflow)
         **device_args(plan, world, t.distributed, cpu_count),
     )
