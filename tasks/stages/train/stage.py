@@ -23,7 +23,6 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from tasks.core.artifacts import read_json
 from tasks.core.config import Config
 from tasks.core.layout import RunLayout
 from tasks.plumbing.loading import BaseRef, resolve_base
