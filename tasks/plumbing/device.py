@@ -159,6 +159,7 @@ def estimate_train_bytes(
     micro_batch: int,
     param_bytes: int,
     shards: int = 1,
+    checkpointing: bool = False,
 ) -> int:
     """Rough peak memory of one LoRA training process, for the gradient-checkpointing decision.
 
@@ -172,7 +173,8 @@ def estimate_train_bytes(
     tokens = seq_len * micro_batch
     weights = total_params * param_bytes // max(1, shards)
     optimizer = trainable_params * 16
-    activations = num_layers * tokens * hidden_size * 34 * param_bytes // 2
+    layer = tokens * hidden_size * 34 * param_bytes // 2
+    activations = num_layers * tokens * hidden_size * param_bytes + layer if checkpointing else num_layers * layer
     logits = tokens * vocab_size * 4 * 2
     return int(1.2 * (weights + optimizer + activations + logits))
 

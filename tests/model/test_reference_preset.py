@@ -95,3 +95,47 @@ def test_info_prints_the_presets_plan_on_one_mi300x(repo_root: Path, preset: str
     )
     assert plan["memory_per_gpu_gib"] == round(expected / 2**30, 1)
     assert plan["fits"] and not plan["gradient_checkpointing"] and plan["advice"] is None
+
+
+def test_the_70b_preset_fits_one_mi300x_node_with_fsdp(repo_root: Path) -> None:
+    """Llama-2-70B, LoRA r=16 on q/k/v/o (MLPerf's recipe with the hub's unfused projections): 80 layers x
+    16 * ((8192+8192)*2 + (8192+1024)*2) = 65,536,000 trainable. Sharded over 8 GPUs with gradient
+    checkpointing it needs a sixth of an MI300X; unsharded (DDP) each GPU would hold the 138 GB of weights."""
+    import subprocess
+    import sys
+
+    from tasks.core.config import load_config
+    from tasks.plumbing.device import estimate_train_bytes
+
+    def plan(*overrides: str) -> dict:
+        command = [
+            str(Path(sys.executable).with_name("qa-lora")),
+            "info",
+            "--params",
+            "params/llama2-70b-8xmi300x.yaml",
+        ]
+        for item in overrides:
+            command += ["--set", item]
+        proc = subprocess.run(
+            command, cwd=repo_root, capture_output=True, text=True, timeout=300, check=False
+        )
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return json.loads(proc.stdout)
+
+    report = plan()
+    fsdp = report["training_on_mi300x"]
+    assert (fsdp["trainable_params"], fsdp["total_params"]) == (65_536_000, 68_976_648_192)
+    assert fsdp["distributed"] == "fsdp" and fsdp["gradient_checkpointing"] and fsdp["fits"]
+    assert report["training"]["world_size"] == 8 and report["training"]["distributed"] == "fsdp"
+    cfg = load_config(repo_root / "params" / "llama2-70b-8xmi300x.yaml")
+    sizes = dict(
+        total_params=68_976_648_192, trainable_params=65_536_000, num_layers=80, hidden_size=8192,
+        vocab_size=32000, seq_len=cfg.train.max_length, micro_batch=1, param_bytes=2,
+    )  # fmt: skip
+    assert fsdp["memory_per_gpu_gib"] == round(
+        estimate_train_bytes(**sizes, shards=8, checkpointing=True) / 2**30, 1
+    )
+    ddp = plan("train.distributed=ddp")["training_on_mi300x"]
+    assert ddp["memory_per_gpu_gib"] > 5 * fsdp["memory_per_gpu_gib"]  # every GPU holds all the weights
+    one_gpu = plan("train.num_processes=1", "train.gradient_checkpointing=false")["training_on_mi300x"]
+    assert not one_gpu["fits"] and "train.distributed: fsdp" in one_gpu["advice"]

@@ -64,18 +64,19 @@ def capacity_plan(cfg: Config) -> dict[str, Any]:
     )
     precision = "bf16" if t.precision == "auto" else t.precision
     shards = world if world > 1 and t.distributed == "fsdp" else 1
-    estimate = estimate_train_bytes(
-        total_params=facts["total_params"],
-        trainable_params=facts["lora_params"] + facts["saved_params"],
-        num_layers=facts["num_layers"],
-        hidden_size=facts["hidden_size"],
-        vocab_size=facts["vocab_size"],
-        seq_len=t.max_length,
-        micro_batch=t.per_device_train_batch_size,
-        param_bytes=4 if precision == "fp32" else 2,
-        shards=shards,
-    )
-    plan = plan_device(gpus, precision, t.gradient_checkpointing, "sdpa", estimate, "none")
+    sizes = {
+        "total_params": facts["total_params"],
+        "trainable_params": facts["lora_params"] + facts["saved_params"],
+        "num_layers": facts["num_layers"],
+        "hidden_size": facts["hidden_size"],
+        "vocab_size": facts["vocab_size"],
+        "seq_len": t.max_length,
+        "micro_batch": t.per_device_train_batch_size,
+        "param_bytes": 4 if precision == "fp32" else 2,
+        "shards": shards,
+    }
+    plan = plan_device(gpus, precision, t.gradient_checkpointing, "sdpa", estimate_train_bytes(**sizes), "none")
+    estimate = estimate_train_bytes(**sizes, checkpointing=plan.gradient_checkpointing)
     fits = estimate <= MI300X_BYTES
     return {
         "gpu": f"{MI300X} ({MI300X_BYTES // 10**9} GB)",
