@@ -27,6 +27,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--run-dir", required=True)
     args = parser.parse_args(argv)
 
+    if sys.platform == "linux":
+        from tasks.stages.train.distributed import die_with_parent
+
+        # torchrun starts workers in sessions of their own: an agent killed outright (SIGKILL, a lost
+        # node) would leave this worker waiting on its peers for ever. It goes with its agent instead.
+        die_with_parent()
+
     from tasks.core.config import load_config
     from tasks.core.logs import setup_logging
     from tasks.stages.train.process import train_process

@@ -94,13 +94,23 @@ def _two_nodes(root: Path, run_dir: Path, params: Path) -> list[subprocess.Popen
 
 
 def _kill_node(node: subprocess.Popen[bytes]) -> None:
-    """SIGKILL a node's every process (its stage, agent and worker), as when its machine or pod is lost."""
+    """SIGKILL a node's stage and torchrun agent, as when its machine or pod is lost; its worker (in a
+    session of its own) must go with its agent, not linger waiting on its peers."""
     import psutil
 
     processes = [psutil.Process(node.pid), *psutil.Process(node.pid).children(recursive=True)]
+    workers = [
+        p
+        for p in processes
+        if "tasks.runners.launch" in (c := " ".join(p.cmdline())) and "torch.distributed.run" not in c
+    ]
+    assert len(workers) == 1
     for process in processes:
-        process.kill()
+        if process not in workers:
+            process.kill()
     node.wait()
+    _, alive = psutil.wait_procs(workers, timeout=30)
+    assert not alive, f"worker {alive} outlived its agent"
 
 
 def _first_checkpoint(run_dir: Path, nodes: list[subprocess.Popen[bytes]], root: Path) -> None:
