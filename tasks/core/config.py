@@ -190,6 +190,12 @@ class TrainConfig(_Section):
     max_restarts: int = Field(
         0, ge=0, le=100
     )  # worker-group restarts after a failure, from the last checkpoint
+    # Replay against forgetting: blocks of general text (labels on every token) mixed into the SFT rows,
+    # `replay_ratio` blocks per row; the text is `replay_source` (JSONL/Parquet, `text`), or for the tiny
+    # base its pretraining documents (tasks/plumbing/general_text.py). 0: none.
+    replay_ratio: float = Field(0.0, ge=0.0, le=4.0, title="Replay ratio")
+    replay_source: str | None = None
+    replay_block_tokens: int = Field(128, ge=8)  # tokens per replayed block (at most max_length)
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     gradient_checkpointing: Literal["auto"] | bool = "auto"
     attn_implementation: Literal["auto", "eager", "sdpa", "flash_attention_2"] = "auto"
@@ -209,6 +215,11 @@ class EvalConfig(_Section):
     seed: int = 0
     primary_metrics: tuple[RowMetric, ...] = Field(("token_f1", "rouge_l"), min_length=1)
     cache_dir: str | None = ".cache/qa-lora/eval"  # per-model results, keyed by model, data and settings
+    # The forgetting rule's held-out general text (gate.max_general_ppl_increase): a JSONL/Parquet file
+    # with a `text` column; None: the tiny base's held-out pretraining documents (required for a hub base).
+    general_source: str | None = None
+    general_max_docs: int = Field(64, ge=1)
+    general_max_tokens: int = Field(256, ge=8)
 
 
 class GateConfig(_Section):
@@ -233,6 +244,9 @@ class GateConfig(_Section):
     max_empty_rate: float = Field(0.1, ge=0.0, le=1.0)
     # the most common (normalized) answer's share of the eval answers: above it the model has collapsed
     max_top_answer_share: float = Field(0.5, ge=0.0, le=1.0)
+    # the candidate's perplexity on held-out general text over the base's, minus 1 (stages/evaluate/general.py);
+    # None: no forgetting rule
+    max_general_ppl_increase: float | None = Field(0.25, ge=0.0)
     # serving cost vs the champion, measured side by side at export (stages/export/serving_gate.py)
     max_latency_regression: float = Field(0.5, ge=0.0)  # champion / candidate tokens/s - 1, batch 1
     max_size_regression: float = Field(0.1, ge=0.0)  # candidate / champion export bytes - 1

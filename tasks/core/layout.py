@@ -172,3 +172,20 @@ def read_gate(run_dir: Path | str, *, require_pass: bool = False) -> dict[str, A
         why = "; ".join(gate["reasons"]) or "no reason given"
         raise GateFailed(f"gate failed: {why}. Nothing merged, exported or registered ({path}).")
     return gate
+
+
+# What each gate rule protects, one sentence each (the eval report and the model card print them).
+RULE_PURPOSES = {
+    "beats_base": "The fine-tuning taught the task: the candidate answers held-out questions better than its base.",
+    "no_regression": "A new model never answers worse than the one serving now, overall or in a large category.",
+    "min_eos_rate": "Answers end: a model that never writes its end-of-turn token rambles to the token budget.",
+    "max_empty_rate": "The model answers at all: empty answers can hide behind averaged metrics.",
+    "max_top_answer_share": "Answers fit their questions: one answer for many questions (collapse) can beat a weak base.",
+    "max_general_ppl_increase": "Fine-tuning did not cost the base its general language ability (forgetting).",
+    "serving": "Serving the model does not get slower or larger than the champion by more than the margins.",
+}
+
+
+def rule_purpose(name: str) -> str:
+    """The sentence saying what the rule named `name` (e.g. `no_regression:token_f1[os]`) protects."""
+    return RULE_PURPOSES.get(name.split(":", 1)[0].split("[", 1)[0], "")

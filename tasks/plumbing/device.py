@@ -174,7 +174,9 @@ def estimate_train_bytes(
     weights = total_params * param_bytes // max(1, shards)
     optimizer = trainable_params * 16
     layer = tokens * hidden_size * 34 * param_bytes // 2
-    activations = num_layers * tokens * hidden_size * param_bytes + layer if checkpointing else num_layers * layer
+    activations = (
+        num_layers * tokens * hidden_size * param_bytes + layer if checkpointing else num_layers * layer
+    )
     logits = tokens * vocab_size * 4 * 2
     return int(1.2 * (weights + optimizer + activations + logits))
 

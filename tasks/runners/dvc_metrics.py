@@ -99,6 +99,13 @@ def _evaluate(layout: RunLayout) -> dict[str, Any]:
         "ci_high": _num(ci.get("high"), 3),
         "gate": int(bool(gate["passed"])),
         "unique": _num(unique, 3),
+        # the forgetting rule: candidate perplexity on held-out general text over the base's, minus 1
+        "forget": _num(
+            next(
+                (r["value"] for r in gate.get("rules", []) if r["name"] == "max_general_ppl_increase"), None
+            ),
+            3,
+        ),
     }
 
 

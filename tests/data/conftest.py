@@ -77,6 +77,9 @@ def make_cfg(tmp_path: Path, fixture_tokenizer: Path) -> Callable[..., Config]:
                 ("base.name_or_path", str(fixture_tokenizer)),
                 ("base.kind", "hub"),
                 ("data.dvc_remote", str(tmp_path / "remote")),
+                # a tokenizer without a model or corpus: no general text (forgetting rule, replay)
+                ("gate.max_general_ppl_increase", None),
+                ("train.replay_ratio", 0.0),
                 *overrides,
             ]
         )

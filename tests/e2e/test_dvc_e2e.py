@@ -76,12 +76,13 @@ def checkout(tmp_path_factory: pytest.TempPathFactory, repo_root: Path, tiny_bas
     shutil.copytree(tiny_base, repo / "models" / "tiny-base")  # what `make demo` leaves behind
 
     params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["train"].update(max_steps=20, save_steps=20, logging_steps=5)
+    params["train"].update(max_steps=20, save_steps=20, logging_steps=5, replay_ratio=0.0)
     params["eval"].update(max_rows=24, max_new_tokens=12, bootstrap_samples=100, cache_dir=None)
     # Gating has its own tests: here every candidate passes, so export and register always run.
     params["gate"].update(min_improvement=-1.0, max_regression=1.0, min_slice_size=1000)
     params["gate"].update(min_eos_rate=0.0, max_empty_rate=1.0, max_top_answer_share=1.0)
     params["gate"].update(max_latency_regression=10.0, max_size_regression=10.0)  # serving rules too
+    params["gate"]["max_general_ppl_increase"] = None  # and forgetting
     params["export"].update(parity_prompts=2, parity_new_tokens=4)
     params["register"]["tracking_uri"] = f"sqlite:///{work}/mlflow.db"
     params["data"]["dvc_remote"] = str(work / "remote")

@@ -46,6 +46,8 @@ def _overrides(root: Path, base: Path, name: str) -> list[tuple[str, Any]]:
         ("eval.cache_dir", None),
         ("gate.min_improvement", -1.0),
         ("gate.max_top_answer_share", 1.0),
+        ("gate.max_general_ppl_increase", None),  # a family base is no copy of the tiny base: no general text
+        ("train.replay_ratio", 0.0),
         ("gate.min_slice_size", 1000),
         ("gate.max_latency_regression", 1.0),
         ("export.parity_prompts", 2),

@@ -39,7 +39,9 @@ def bases(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str
 
 
 def _cfg(base: Path, *extra: tuple[str, Any]) -> Config:
-    return load_config(overrides=[("base.name_or_path", str(base)), ("base.kind", "hub"), *extra])
+    # A family base is no copy of the tiny base: it has no general text of its own (forgetting rule, replay).
+    off = [("gate.max_general_ppl_increase", None), ("train.replay_ratio", 0.0)]
+    return load_config(overrides=[("base.name_or_path", str(base)), ("base.kind", "hub"), *off, *extra])
 
 
 def _chat(base: Path, *extra: tuple[str, Any]) -> Any:

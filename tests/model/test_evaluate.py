@@ -103,6 +103,7 @@ def _cfg(tmp: Path, adapters: dict[str, Any], **extra: Any) -> Config:
         # one reference answer per category by design: a model that learnt it repeats it, so the
         # top-answer floor (for real data; unit-tested in tests/unit/test_metrics.py) is off here
         "gate.max_top_answer_share": 1.0,
+        "gate.max_general_ppl_increase": None,  # tests/small_lora.py; the forgetting test turns it on
         **extra,
     }
     return load_config(overrides=list(overrides.items()))
@@ -195,6 +196,34 @@ def test_untrained_adapter_fails_naming_the_metric(adapters: dict[str, Any], tmp
     gate = json.loads((run_dir / "eval" / "gate.json").read_text())
     assert gate["passed"] is False and gate["reasons"] == result["reasons"]
     assert "Gate: FAILED" in (run_dir / "eval" / "eval_report.md").read_text()
+
+
+@pytest.mark.slow
+def test_a_candidate_that_forgets_fails_the_forgetting_rule_while_beating_the_base(
+    adapters: dict[str, Any], tmp_path: Path
+) -> None:
+    """The good adapter learnt its narrow task at a high learning rate: it beats the base on the Q&A
+    metric and loses the base's general language (its perplexity on held-out text more than doubles).
+    The untrained one changes nothing: the rule reads zero for it."""
+    cfg = _cfg(tmp_path, adapters, **{"gate.max_general_ppl_increase": 0.25})
+    run_dir = _run_dir(tmp_path, "forgets", adapters["eval_rows"], adapters["good"])
+    result = evaluate_candidate(cfg, run_dir)
+    assert not result["passed"] and [r.split(":")[0] for r in result["reasons"]] == [
+        "max_general_ppl_increase"
+    ], result["reasons"]
+    gate = json.loads((run_dir / "eval" / "gate.json").read_text())
+    rules = {r["name"]: r for r in gate["rules"]}
+    assert rules["beats_base:token_f1"]["passed"]
+    forgetting = rules["max_general_ppl_increase"]
+    assert forgetting["ci"]["low"] > 0.25 and forgetting["value"] > 0.25
+    assert forgetting["perplexity"]["candidate"] > 1.25 * forgetting["perplexity"]["base"]
+    report = (run_dir / "eval" / "eval_report.md").read_text()
+    assert "held-out general documents" in report and "general language ability" in report
+    untouched = _run_dir(tmp_path, "untouched", adapters["eval_rows"], adapters["untrained"])
+    evaluate_candidate(cfg, untouched)
+    rules = {r["name"]: r for r in json.loads((untouched / "eval" / "gate.json").read_text())["rules"]}
+    assert rules["max_general_ppl_increase"]["passed"]
+    assert abs(rules["max_general_ppl_increase"]["value"]) < 0.01
 
 
 def test_missing_or_malformed_inputs_are_user_errors(tmp_path: Path) -> None:

@@ -51,7 +51,7 @@ def _run_dir(root: Path, tiny_base: Path, **train: Any) -> tuple[Path, Path]:
         "train": {
             "max_steps": STEPS, "save_steps": SAVE, "save_total_limit": 10, "logging_steps": 10,
             "per_device_train_batch_size": 4, "max_length": 128, "learning_rate": 0.003, "warmup_ratio": 0.0,
-            "precision": "fp32", "nnodes": 2, "num_processes": 1, "max_restarts": 3, **train,
+            "precision": "fp32", "nnodes": 2, "num_processes": 1, "max_restarts": 3, "replay_ratio": 0.0, **train,
         },
         "eval": {"max_rows": 16},
         "runtime": {"num_threads": 1},

@@ -60,6 +60,7 @@ train:
   per_device_train_batch_size: 8
   max_length: 128
   warmup_ratio: 0.0
+  replay_ratio: 0.0      # tests/small_lora.py: short runs train without replay
 eval:
   max_rows: 8
   max_new_tokens: 8
@@ -75,6 +76,7 @@ gate:
   min_slice_size: 1000
   max_latency_regression: 10.0
   max_size_regression: 10.0
+  max_general_ppl_increase: null
 export:
   parity_prompts: 2
   parity_new_tokens: 4

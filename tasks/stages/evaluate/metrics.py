@@ -283,23 +283,23 @@ def decide_gate(
     confidence: float = 0.95,
     seed: int = 0,
     champion_version: str | None = None,
+    extra_rules: Sequence[dict[str, Any]] = (),
 ) -> dict[str, Any]:
-    """Apply the regression gate to per-row results of the three models.
+    """Apply the regression gate to per-row results of the three models, plus `extra_rules` (the
+    forgetting rule, decided on general text: general.py).
 
     Rules (each recorded with its value and threshold):
       1. `beats_base:<primary_metric>`: the lower CI bound of candidate-minus-base > `min_improvement`.
       2. `no_regression:<metric>` for each primary metric, and `no_regression:<metric>[<slice>]` for
          each slice with at least `min_slice_size` rows: against the champion, the drop must not exceed
-         `max_regression`. With `regression_test="mean"` the observed mean difference is tested (the
-         CI is recorded beside it); with `"noninferiority"` the CI's lower bound must stay above
-         `-max_regression` (a formal non-inferiority test: stricter, needs many rows per slice).
+         `max_regression`: the observed mean difference (`regression_test="mean"`), or the CI's lower
+         bound (`"noninferiority"`: a formal non-inferiority test, stricter, needs many rows per slice).
          Without a champion, one informational rule records that only the base and floors decide.
       3. `min_eos_rate` / `max_empty_rate` / `max_top_answer_share`: floors on the candidate's answers
          (it stops, it answers, and not one answer to many questions: that can still beat a weak base).
 
     Returns:
-        {"passed", "decision", "primary_metric", "rules", "reasons", "champion_version",
-         "comparisons": {"vs_base": ..., "vs_champion": ... | None}}
+        {passed, decision, primary_metric, rules, reasons, champion_version, comparisons: {vs_base, vs_champion}}
     """
     metrics = list(dict.fromkeys([*primary_metrics, primary_metric]))
     pct = f"{confidence:.0%}"
@@ -313,7 +313,7 @@ def decide_gate(
     rules += _regression_rules(
         vs_champion, primary_metrics, min_slice_size, max_regression, regression_test, pct
     )
-    rules += _floor_rules(candidate, min_eos_rate, max_empty_rate, max_top_answer_share)
+    rules += [*_floor_rules(candidate, min_eos_rate, max_empty_rate, max_top_answer_share), *extra_rules]
 
     reasons = [f"{r['name']}: {r['detail']}" for r in rules if not r["passed"]]
     return {

@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from tasks.core.config import Config
+from tasks.core.layout import rule_purpose
 from tasks.stages.evaluate.records import MODELS, TABLE_COLUMNS, Evaluation, gated_metrics
 
 Lines = list[str]
@@ -106,13 +107,13 @@ def _rules_section(ev: Evaluation) -> Lines:
         "",
         "## Gate rules",
         "",
-        "| rule | passed | value | threshold | detail |",
-        "|---|---|---|---|---|",
+        "| rule | protects | passed | value | threshold | detail |",
+        "|---|---|---|---|---|---|",
     ]
     for r in ev.gate["rules"]:
         lines.append(
-            f"| `{r['name']}` | {'yes' if r['passed'] else '**NO**'} | {_fmt(r['value'])} | "
-            f"{_fmt(r['threshold'])} | {_md_escape(r['detail'], 400)} |"
+            f"| `{r['name']}` | {rule_purpose(r['name'])} | {'yes' if r['passed'] else '**NO**'} | "
+            f"{_fmt(r['value'])} | {_fmt(r['threshold'])} | {_md_escape(r['detail'], 400)} |"
         )
     return lines
 

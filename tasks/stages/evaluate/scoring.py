@@ -69,15 +69,24 @@ def plan_eval_device(cfg: Config, trained: Mapping[str, Any] | None = None) -> t
 
 
 def score_model(
-    cfg: Config, spec: ModelSpec, rows: Sequence[Mapping[str, str]], device: str, dtype: str
-) -> tuple[list[dict[str, Any]], dict[str, float]]:
-    """Per-row results of one model on `rows` and the seconds each step took.
+    cfg: Config,
+    spec: ModelSpec,
+    rows: Sequence[Mapping[str, str]],
+    on: tuple[str, str],
+    documents: Sequence[str] = (),
+) -> tuple[list[dict[str, Any]], dict[str, float], list[tuple[float, int]]]:
+    """Per-row results of one model on `rows`, the seconds each step took, its losses on `documents`.
+
+    Args:
+        on: (device, torch dtype name).
+        documents: general texts for the forgetting rule (general.py); none: not scored.
 
     Returns:
-        (results, timings): one dict per row (id, category, prediction, the answer metrics, EOS/empty
-        flags, token and word counts, the answer tokens' summed NLL), and {"<role>_load_s",
-        "<role>_loss_s", "<role>_generate_s"}.
+        (results, timings, document losses): one dict per row (id, category, prediction, the answer
+        metrics, EOS/empty flags, token and word counts, the answer tokens' summed NLL), {"<role>_load_s",
+        "<role>_loss_s", "<role>_generate_s"}, and per document (summed NLL, tokens).
     """
+    device, dtype = on
     e = cfg.eval
     t0 = time.perf_counter()
     model, tokenizer = load_model(cfg, spec, device, dtype)
@@ -87,6 +96,7 @@ def score_model(
     t2 = time.perf_counter()
     generations = generate(model, chat, rows, e.batch_size, e.max_new_tokens, device)
     t3 = time.perf_counter()
+    docs = document_losses(model, chat.tokenizer, documents, e.batch_size, e.general_max_tokens, device)
     del model
     gc.collect()
     out = [_row_result(row, loss, gen) for row, loss, gen in zip(rows, losses, generations, strict=True)]
@@ -103,7 +113,35 @@ def score_model(
         f"{spec.role}_loss_s": round(t2 - t1, 2),
         f"{spec.role}_generate_s": round(t3 - t2, 2),
     }
-    return out, timings
+    return out, timings, docs
+
+
+def document_losses(
+    model: Any, tokenizer: Any, texts: Sequence[str], batch_size: int, max_tokens: int, device: str
+) -> list[tuple[float, int]]:
+    """(summed NLL, predicted tokens) per text: its first `max_tokens` tokens as the base was pretrained on
+    them (the tokenizer's own special tokens), each token predicted from the ones before it."""
+    import torch
+    import torch.nn.functional as F
+
+    out: list[tuple[float, int]] = []
+    side, tokenizer.padding_side = tokenizer.padding_side, "right"  # generation pads left
+    try:
+        for start in range(0, len(texts), batch_size):
+            part = list(texts[start : start + batch_size])
+            enc = tokenizer(part, truncation=True, max_length=max_tokens, padding=True, return_tensors="pt")
+            ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
+            labels = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+            with torch.inference_mode():
+                logits = model(input_ids=ids, attention_mask=mask).logits.float()
+                nll = F.cross_entropy(
+                    logits[:, :-1].transpose(1, 2), labels, ignore_index=-100, reduction="none"
+                )
+            sums, counts = nll.sum(1).cpu().tolist(), (labels != -100).sum(1).cpu().tolist()
+            out += [(float(a), int(b)) for a, b in zip(sums, counts, strict=True)]
+    finally:
+        tokenizer.padding_side = side
+    return out
 
 
 def _row_result(row: Mapping[str, str], loss: tuple[float, int], gen: Mapping[str, Any]) -> dict[str, Any]:

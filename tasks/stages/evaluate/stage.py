@@ -33,9 +33,11 @@ from tasks.core.errors import UserError
 from tasks.core.layout import RunLayout
 from tasks.core.reuse import fingerprint, reusable
 from tasks.plumbing.chat import ChatFormat, chat_format, check_same_format
+from tasks.plumbing.general_text import general_documents, texts_digest
 from tasks.plumbing.loading import load_tokenizer, resolve_base
 from tasks.plumbing.registry import fetched_champion
 from tasks.plumbing.splits import eval_sample
+from tasks.stages.evaluate.general import forgetting_rule
 from tasks.stages.evaluate.metrics import aggregate, decide_gate
 from tasks.stages.evaluate.outputs import model_cis, write_outputs
 from tasks.stages.evaluate.records import MODELS, Evaluation, finite
@@ -46,7 +48,8 @@ log = logging.getLogger("qa_lora.evaluate")
 # Bump when a change here changes per-row results (scoring, decoding, tokenizing): older entries are
 # ignored. 2: the one tokenizer loader and its pad rule; entries keyed by tasks.core.reuse.fingerprint.
 # 3: prompts rendered by the chat template, generation stops at its end-of-turn token.
-CACHE_VERSION = "3"
+# 4: entries hold the general-text losses of the forgetting rule beside the rows.
+CACHE_VERSION = "4"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".json", ".model", ".txt", ".jinja")
 
 
@@ -148,6 +151,7 @@ def _evaluate(
     started: float,
 ) -> dict[str, Any]:
     """Score the models, apply the gate, write eval/; the stage's result."""
+    general = general_documents(cfg)  # a hub base without general text fails here, before any scoring
     chat = chat_format(cfg, load_tokenizer(cfg))
     check_same_format(
         layout.adapter_dir, chat
@@ -156,14 +160,17 @@ def _evaluate(
     timings: dict[str, float] = {}
     cache_state: dict[str, str] = {}
     results: dict[str, list[dict[str, Any]] | None] = dict.fromkeys(MODELS)
+    documents: dict[str, list[list[float]]] = {}
     device, dtype = plan_eval_device(cfg, _train_summary(layout))
     log.info("scoring on %s in %s", device, dtype)
     for spec in specs:
-        results[spec.role], cache_state[spec.role] = _reuse_or_score(
-            cfg, spec, rows, chat, (device, dtype), timings
+        texts = general[0] if general and spec.role != "champion" else []
+        results[spec.role], documents[spec.role], cache_state[spec.role] = _reuse_or_score(
+            cfg, spec, rows, (chat, texts), (device, dtype), timings
         )
 
-    gate = _apply_gate(cfg, results, champion)
+    extra = [] if general is None else [_forgetting(cfg, documents, general[1])]
+    gate = _apply_gate(cfg, results, champion, extra)
     summary = {m: (aggregate(r) if r is not None else None) for m, r in results.items()}
     timings["total_s"] = round(time.perf_counter() - started, 2)
     ev = Evaluation(rows, results, summary, gate, model_cis(cfg, results), champion, timings)
@@ -192,19 +199,21 @@ def _reuse_or_score(
     cfg: Config,
     spec: ModelSpec,
     rows: list[dict[str, str]],
-    chat: ChatFormat,
+    inputs: tuple[ChatFormat, list[str]],
     on: tuple[str, str],
     timings: dict[str, float],
-) -> tuple[list[dict[str, Any]], str]:
-    """One model's per-row results: reused from `eval.cache_dir` when its fingerprint matches, else scored.
+) -> tuple[list[dict[str, Any]], list[list[float]], str]:
+    """One model's per-row results and general-text losses: reused from `eval.cache_dir` when its
+    fingerprint matches, else scored.
 
-    The fingerprint covers everything that decides the per-row results: the model's and the adapter's
-    content, the eval rows, the chat format, the generation settings, the device and dtype (`on`).
+    The fingerprint covers everything that decides them: the model's and the adapter's content, the eval
+    rows, the chat format, the general texts (`inputs`), the generation settings, the device and dtype (`on`).
 
     Returns:
-        (results, cache state): "hit" (reused), "miss" (scored and stored) or "off" (no cache).
+        (results, document losses, cache state): "hit" (reused), "miss" (scored and stored) or "off".
     """
     cache_root = _cache_root(cfg)
+    chat, texts = inputs
     device, dtype = on
     material = {
         "cache_version": CACHE_VERSION,
@@ -212,6 +221,7 @@ def _reuse_or_score(
         "adapter": _model_fingerprint(str(spec.adapter), cfg, cache_root) if spec.adapter else None,
         "data": hashlib.sha256(json.dumps(rows, sort_keys=True, ensure_ascii=False).encode()).hexdigest(),
         "chat": chat.fingerprint,
+        "general": [texts_digest(texts), cfg.eval.general_max_tokens] if texts else None,
         "max_new_tokens": cfg.eval.max_new_tokens,
         "batch_size": cfg.eval.batch_size,  # padding changes floating-point sums, rarely tokens: key on it
         "device": device,
@@ -222,13 +232,16 @@ def _reuse_or_score(
     record = reusable(entry, key) if entry else None
     if record is not None and [r.get("id") for r in record.get("rows", [])] == [r["id"] for r in rows]:
         log.info("%s: cached results %s reused", spec.role, key)
-        return record["rows"], "hit"
-    results, step_timings = score_model(cfg, spec, rows, device, dtype)
+        return record["rows"], record.get("documents") or [], "hit"
+    results, step_timings, docs = score_model(cfg, spec, rows, (device, dtype), texts)
     timings.update(step_timings)
+    documents = [list(d) for d in docs]
     if entry is None:
-        return results, "off"
-    write_json_atomic(entry, {"fingerprint": key, "material": material, "rows": results})
-    return results, "miss"
+        return results, documents, "off"
+    write_json_atomic(
+        entry, {"fingerprint": key, "material": material, "rows": results, "documents": documents}
+    )
+    return results, documents, "miss"
 
 
 def _model_fingerprint(src: str, cfg: Config, cache_root: Path | None) -> str:
@@ -262,8 +275,25 @@ def _model_fingerprint(src: str, cfg: Config, cache_root: Path | None) -> str:
     return digest.hexdigest()[:24]
 
 
+def _forgetting(cfg: Config, documents: Mapping[str, list[list[float]]], source: str) -> dict[str, Any]:
+    """The forgetting rule on the base's and the candidate's losses on the general texts (general.py)."""
+    e = cfg.eval
+    rule = forgetting_rule(
+        documents["candidate"],
+        documents["base"],
+        cfg.gate.max_general_ppl_increase or 0.0,
+        e.bootstrap_samples,
+        e.confidence,
+        e.seed,
+    )
+    return {**rule, "source": source}
+
+
 def _apply_gate(
-    cfg: Config, results: Mapping[str, list[dict[str, Any]] | None], champion: Mapping[str, Any] | None
+    cfg: Config,
+    results: Mapping[str, list[dict[str, Any]] | None],
+    champion: Mapping[str, Any] | None,
+    extra_rules: list[dict[str, Any]],
 ) -> dict[str, Any]:
     g = cfg.gate
     return decide_gate(
@@ -283,6 +313,7 @@ def _apply_gate(
         confidence=cfg.eval.confidence,
         seed=cfg.eval.seed,
         champion_version=str(champion["version"]) if champion else None,
+        extra_rules=extra_rules,
     )
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from tasks.core.artifacts import read_json
 from tasks.core.config import Config
-from tasks.core.layout import RunLayout
+from tasks.core.layout import RunLayout, rule_purpose
 from tasks.core.redact import redact_uri
 from tasks.stages.export.onnx_graph import ONNX_GRAPH
 
@@ -109,7 +109,15 @@ def _evaluation(layout: RunLayout, gate: Mapping[str, Any]) -> list[str]:
         lines.append(f"- Metrics: not available ({layout.eval_metrics} missing)")
     decision = gate.get("decision") or ("pass" if gate.get("passed") else "fail")
     lines += ["", f"- Regression gate: **{decision}** (primary metric {gate.get('primary_metric', '?')})"]
-    return lines + [f"  - {r}" for r in gate.get("reasons") or []]
+    lines += [f"  - {r}" for r in gate.get("reasons") or []]
+    lines += ["", "What each gate rule protects:"]
+    seen: set[str] = set()
+    for rule in gate.get("rules") or []:
+        name = str(rule.get("name", "")).split(":", 1)[0].split("[", 1)[0]
+        if name not in seen and rule_purpose(name):
+            seen.add(name)
+            lines.append(f"- `{name}` ({'passed' if rule.get('passed') else 'failed'}): {rule_purpose(name)}")
+    return lines
 
 
 def _export(summary: Mapping[str, Any]) -> list[str]:

@@ -91,7 +91,8 @@ def _export_chat(layout: RunLayout) -> dict[str, Any]:
 
 
 def key_metrics(gate: dict[str, Any]) -> dict[str, float]:
-    """The candidate's top-level numbers from gate.json (a {"mean": x} style entry counts as x)."""
+    """The candidate's top-level numbers from gate.json (a {"mean": x} style entry counts as x), and the
+    forgetting rule's value when the rule ran (`general_ppl_increase`)."""
     candidate = (gate.get("metrics") or {}).get("candidate") or {}
     out: dict[str, float] = {}
     for key, value in candidate.items() if isinstance(candidate, dict) else ():
@@ -99,6 +100,9 @@ def key_metrics(gate: dict[str, Any]) -> dict[str, float]:
             value = next((value[k] for k in ("mean", "value", "point") if k in value), None)
         if isinstance(value, int | float) and not isinstance(value, bool):
             out[str(key)] = float(value)
+    for rule in gate.get("rules") or ():
+        if rule.get("name") == "max_general_ppl_increase" and isinstance(rule.get("value"), int | float):
+            out["general_ppl_increase"] = float(rule["value"])
     return out
 
 

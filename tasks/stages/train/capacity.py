@@ -75,7 +75,9 @@ def capacity_plan(cfg: Config) -> dict[str, Any]:
         "param_bytes": 4 if precision == "fp32" else 2,
         "shards": shards,
     }
-    plan = plan_device(gpus, precision, t.gradient_checkpointing, "sdpa", estimate_train_bytes(**sizes), "none")
+    plan = plan_device(
+        gpus, precision, t.gradient_checkpointing, "sdpa", estimate_train_bytes(**sizes), "none"
+    )
     estimate = estimate_train_bytes(**sizes, checkpointing=plan.gradient_checkpointing)
     fits = estimate <= MI300X_BYTES
     return {

@@ -22,6 +22,7 @@ from typing import Any
 
 from tasks.core.reuse import fingerprint
 from tasks.plumbing.chat import ChatFormat
+from tasks.plumbing.general_text import texts_digest
 from tasks.plumbing.splits import eval_sample, read_split_rows
 
 log = logging.getLogger("qa_lora.train")
@@ -69,6 +70,69 @@ def tokenized_split(
         num_proc=workers,
         desc=f"tokenizing {path.name}",
     )
+
+
+def with_replay(
+    chat: ChatFormat, sft: Any, texts: list[str], settings: tuple[float, int, int], cache_dir: Path
+) -> Any:
+    """`sft` followed by `round(ratio * len(sft))` blocks of general text (`settings`: ratio, block tokens,
+    seed): cuts of the texts' token stream (each document `text <eos>` after the
+    tokenizer's own special tokens, as the tiny base was pretrained), labels on every token. Plain language
+    modelling beside the SFT rows keeps the base's general text (replay). Blocks repeat in a seeded order
+    when more are asked than the text holds; the SFT rows stay first (`check_collation` reads only them).
+    """
+    from datasets import Dataset, concatenate_datasets
+
+    ratio, block, seed = settings
+    count = round(ratio * len(sft))
+    if count == 0:
+        return sft
+    key = fingerprint(
+        {
+            "chat": chat.fingerprint,
+            "texts": texts_digest(texts),
+            "n": count,
+            "len": block,
+            "seed": seed,
+            "v": DATA_VERSION,
+        }
+    )
+    blocks = Dataset.from_generator(
+        _replay_blocks,
+        features=sft.features,
+        gen_kwargs={
+            "chat": chat,
+            "texts": tuple(texts),  # a list would be sharded: one generator call per text
+            "count": count,
+            "block": block,
+            "seed": seed,
+            "key": key,
+        },
+        cache_dir=str(cache_dir),
+    )
+    log.info("replay: %d blocks of %d tokens of general text beside %d SFT rows", count, block, len(sft))
+    return concatenate_datasets([sft, blocks])
+
+
+def _replay_blocks(
+    chat: ChatFormat, texts: tuple[str, ...], count: int, block: int, seed: int, key: str
+) -> Iterator[dict[str, Any]]:
+    """`count` blocks of the texts' token stream, cycling through a seeded permutation; `key` names the cache."""
+    import random
+
+    del key
+    tokenizer = chat.tokenizer
+    stream: list[int] = []
+    for start in range(0, len(texts), ENCODE_BATCH):
+        for ids in tokenizer(list(texts[start : start + ENCODE_BATCH]), verbose=False)["input_ids"]:
+            stream += [*ids, tokenizer.eos_token_id]
+    blocks = [stream[i : i + block] for i in range(0, max(1, len(stream) - block + 1), block)]
+    rng = random.Random(seed)
+    order: list[int] = []
+    while len(order) < count:
+        order += rng.sample(range(len(blocks)), len(blocks))
+    for index in order[:count]:
+        yield {"input_ids": blocks[index], "labels": blocks[index], "complete": True}
 
 
 def _rows(path: str, sample: int | None, key: str) -> Iterator[dict[str, str | None]]:
@@ -169,12 +233,15 @@ def _column(data: Any, name: str) -> Any:
     return data.with_format("arrow")[name]
 
 
-def check_collation(trainer: Any, chat: ChatFormat) -> dict[str, Any]:
+def check_collation(trainer: Any, chat: ChatFormat, sft_rows: int | None = None) -> dict[str, Any]:
     """Inspect the prepared data and one collated batch: the prompt and user turns masked, every assistant
     turn trained up to and including one end-of-turn token, padding neither trained nor a stop token.
 
+    Args:
+        sft_rows: the SFT rows come first, then replay blocks (`with_replay`): only the rows are checked.
+
     Returns:
-        Data facts for the summary: truncated_rows, min_tokens, median_tokens, max_tokens.
+        Data facts for the summary: truncated_rows, min_tokens, median_tokens, max_tokens (SFT rows).
 
     Raises:
         RuntimeError: one does not hold (a template or tokenizer bug, not a user error).
@@ -183,6 +250,8 @@ def check_collation(trainer: Any, chat: ChatFormat) -> dict[str, Any]:
 
     eot, pad = chat.end_of_turn_id, chat.tokenizer.pad_token_id
     data = trainer.train_dataset
+    if sft_rows is not None and sft_rows < len(data):
+        data = data.select(range(sft_rows))
     lengths = sequence_lengths(data)
     truncated = int((~_column(data, "complete").to_numpy(zero_copy_only=False)).sum())
     if truncated:

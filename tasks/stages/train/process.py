@@ -21,6 +21,7 @@ from tasks.core.artifacts import atomic_dir
 from tasks.core.config import Config
 from tasks.core.layout import RunLayout
 from tasks.plumbing.chat import chat_format
+from tasks.plumbing.general_text import replay_documents
 from tasks.plumbing.loading import BaseRef, load_tokenizer, resolve_base
 from tasks.stages.train.checkpoints import (
     latest_complete_checkpoint,
@@ -29,7 +30,7 @@ from tasks.stages.train.checkpoints import (
     tokens_at,
     training_fingerprint,
 )
-from tasks.stages.train.data import check_collation, tokenized_split
+from tasks.stages.train.data import check_collation, tokenized_split, with_replay
 from tasks.stages.train.model import inspect_base, load_model, lora_config
 from tasks.stages.train.probe import apply_verdict, kernels_verdict, precision_verdict
 from tasks.stages.train.reporting import fail_mlflow_run, make_reporter, mlflow_params, start_mlflow_run
@@ -155,6 +156,12 @@ def load_inputs(ctx: Context, device: DeviceChoice) -> Inputs:
     layout.tokenized_dir.mkdir(parents=True, exist_ok=True)
     with FileLock(str(layout.tokenized_dir / ".lock")):  # the first process tokenizes, the others reuse it
         train_data = tokenized_split(chat, layout.train_split, layout.tokenized_dir, cfg.train.max_length)
+        sft_rows = len(train_data)
+        replay = replay_documents(cfg)
+        if replay is not None:
+            t = cfg.train
+            settings = (t.replay_ratio, min(t.replay_block_tokens, t.max_length), t.seed)
+            train_data = with_replay(chat, train_data, replay[0], settings, layout.tokenized_dir)
         eval_data = tokenized_split(
             chat, layout.eval_split, layout.tokenized_dir, cfg.train.max_length, sample=cfg.eval.max_rows
         )
@@ -173,7 +180,7 @@ def load_inputs(ctx: Context, device: DeviceChoice) -> Inputs:
         total,
         100 * trainable / total,
     )
-    return Inputs(tokenizer, chat, train_data, eval_data, model, int(trainable), int(total))
+    return Inputs(tokenizer, chat, train_data, eval_data, model, int(trainable), int(total), sft_rows)
 
 
 def build_trainer(ctx: Context, device: DeviceChoice, inputs: Inputs, callbacks: Sequence[Any] = ()) -> Fit:
@@ -191,7 +198,7 @@ def build_trainer(ctx: Context, device: DeviceChoice, inputs: Inputs, callbacks:
         group_by_length=cfg.train.group_by_length,
         plain_loss=plan.device == "cpu",
     )
-    data_facts = check_collation(trainer, inputs.chat)
+    data_facts = check_collation(trainer, inputs.chat, inputs.sft_rows)
     resume = latest_complete_checkpoint(ctx.ckpt_dir)
     run_id = None
     if ctx.main:
@@ -199,7 +206,8 @@ def build_trainer(ctx: Context, device: DeviceChoice, inputs: Inputs, callbacks:
             "processes": ctx.world,
             "trainable_params": inputs.trainable,
             "total_params": inputs.total,
-            "train_rows": len(inputs.train_data),
+            "train_rows": inputs.sft_rows,
+            "replay_blocks": len(inputs.train_data) - inputs.sft_rows,
             "eval_rows": len(inputs.eval_data),
             "chat.fingerprint": inputs.chat.fingerprint,
             "chat.template": inputs.chat.source,

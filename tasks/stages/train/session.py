@@ -56,6 +56,7 @@ class Inputs:
     model: Any
     trainable: int
     total: int
+    sft_rows: int  # train_data's first rows; replay blocks of general text follow (train.replay_ratio)
 
 
 @dataclass(frozen=True)

@@ -52,7 +52,8 @@ def build_summary(
         "trainable_params": inputs.trainable,
         "total_params": inputs.total,
         "trainable_share": inputs.trainable / inputs.total,
-        "train_rows": len(inputs.train_data),
+        "train_rows": inputs.sft_rows,
+        "replay_blocks": len(inputs.train_data) - inputs.sft_rows,  # general text against forgetting
         "eval_rows": len(inputs.eval_data),  # the in-training eval's bounded sample (eval.max_rows)
         "chat": inputs.chat.describe(),
         "data": fit.data_facts,

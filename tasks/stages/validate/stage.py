@@ -38,6 +38,7 @@ from tasks.core.errors import UserError
 from tasks.core.layout import RunLayout
 from tasks.plumbing.chat import chat_format
 from tasks.plumbing.dataio import DatasetReader, resolve_source
+from tasks.plumbing.general_text import general_documents, replay_documents
 from tasks.plumbing.loading import load_tokenizer
 from tasks.stages.validate.facts import Scan, in_both_splits, scan_rows
 from tasks.stages.validate.policies import (
@@ -81,12 +82,24 @@ def validate_dataset(cfg: Config, run_dir: Path) -> dict[str, Any]:
         raise
 
 
+def _check_general_text(cfg: Config) -> None:
+    """The forgetting rule's general text and the replayed text are read here, so a missing or bad file
+    stops the run before training rather than at the gate hours later."""
+    general = general_documents(cfg)
+    if general is not None:
+        log.info("forgetting rule: %d general documents from %s", len(general[0]), general[1])
+    replay = replay_documents(cfg)
+    if replay is not None:
+        log.info("replay: %d general documents from %s", len(replay[0]), replay[1])
+
+
 def _validate(cfg: Config, layout: RunLayout) -> dict[str, Any]:
     d = cfg.data
     reader = DatasetReader(
         resolve_source(d.source, d.allowed_roots, REPO_ROOT), d.format, d.max_row_bytes, CHUNK_ROWS
     )
     chat = chat_format(cfg, load_tokenizer(cfg))
+    _check_general_text(cfg)
     started = time.perf_counter()
     scan = scan_rows(cfg, reader, chat)
     seconds = {"pass1_facts_s": round(time.perf_counter() - started, 2)}
