@@ -272,6 +272,8 @@ class ExportConfig(_Section):
     variant_min_top1: float = Field(0.9, ge=0.0, le=1.0)
     serving_prompts: int = Field(16, ge=1)  # eval questions per serving-cost measurement (fresh process)
     serving_repeats: int = Field(2, ge=1)  # measurements per side, candidate and champion taking turns
+    # the model card's license (a Hugging Face license id); None: the base's card says, else "other"
+    license: str | None = None
 
 
 class RegisterConfig(_Section):

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from tasks.core.config import Config, load_config
+from tasks.core.config import REPO_ROOT, Config, load_config
 from tasks.core.errors import UserError
 from tasks.plumbing.chat import ChatFormat
 from tasks.plumbing.ort_runtime import (
@@ -165,7 +165,7 @@ def test_model_card_states_lineage_metrics_gate_and_loading(tmp_path: Path) -> N
         "reasons": ["token_f1 regressed by 0.05"],
     }
     card = render_model_card(cfg, tmp_path, _fake_summary(), gate)
-    assert cfg.base.name_or_path in card
+    assert "Base model: `tiny-base (local)`" in card and str(REPO_ROOT) not in card
     assert "md5-abc123" in card and "bucket/dvc" in card
     assert "wJalrXUtnFEMI" not in card and "AKIAEXAMPLE" not in card and "abcdef123456" not in card
     assert cfg.params_hash() in card
@@ -175,6 +175,47 @@ def test_model_card_states_lineage_metrics_gate_and_loading(tmp_path: Path) -> N
     assert "AutoModelForCausalLM.from_pretrained" in card and "load_onnx_generator" in card
     assert "top-1 agreement with fp32 0.9700" in card
     assert "CPU fallback" not in card
+
+
+def test_model_card_front_matter_is_what_hubs_and_catalogs_read(tmp_path: Path) -> None:
+    """huggingface_hub's own parser reads the card's metadata: base (a hub id, never a local path),
+    library, license (configured, or the base's card), the DVC hash, the gated metrics."""
+    from huggingface_hub import ModelCard
+
+    from tasks.stages.export import render_model_card
+
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "version.json").write_text(json.dumps({"dataset_hash": "md5-abc123"}))
+    (tmp_path / "eval" / "metrics.json").write_text(
+        json.dumps({"candidate": {"token_f1": 0.4321, "rouge_l": 0.5, "loss": 2.0}})
+    )
+    rules = [{"name": "max_general_ppl_increase", "value": 0.069, "passed": True}]
+    gate = {"passed": True, "decision": "pass", "primary_metric": "token_f1", "reasons": [], "rules": rules}
+    hub = load_config(overrides=[("base.kind", "hub"), ("base.name_or_path", "Qwen/Qwen2.5-7B-Instruct")])
+    card = ModelCard(render_model_card(hub, tmp_path, _fake_summary(), gate, "transformers"))
+    data = card.data
+    assert data.base_model == "Qwen/Qwen2.5-7B-Instruct" and data.library_name == "transformers"
+    assert data.license == "other" and data.datasets == ["dvc:md5-abc123"]
+    assert data.pipeline_tag == "text-generation" and "gate:pass" in data.tags
+    scores = {r.metric_type: r.metric_value for r in data.eval_results}
+    assert scores == {"token_f1": 0.4321, "rouge_l": 0.5, "max_general_ppl_increase": 0.069}
+    assert card.text.lstrip().startswith("# qa-lora: Q&A model (LoRA fine-tune of Qwen/Qwen2.5-7B-Instruct")
+
+    # A local base: no base_model, its directory's name only, and its own card's license.
+    base = tmp_path / "bases" / "my-base"
+    base.mkdir(parents=True)
+    (base / "README.md").write_text("---\nlicense: llama2\n---\n# my base\n")
+    local = load_config(overrides=[("base.kind", "hub"), ("base.name_or_path", str(base))])
+    text = render_model_card(local, tmp_path, _fake_summary(), gate)
+    data = ModelCard(text).data
+    assert data.base_model is None and data.license == "llama2" and data.library_name == "onnx"
+    assert str(tmp_path) not in text and "my-base (local)" in text
+    configured = load_config(
+        overrides=[("base.kind", "hub"), ("base.name_or_path", str(base)), ("export.license", "apache-2.0")]
+    )
+    assert (
+        ModelCard(render_model_card(configured, tmp_path, _fake_summary(), gate)).data.license == "apache-2.0"
+    )
 
 
 def test_model_card_states_missing_inputs_and_cpu_fallback(tmp_path: Path) -> None:

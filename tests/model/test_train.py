@@ -151,6 +151,16 @@ def test_short_training_lowers_eval_loss_and_writes_the_adapter(reference: dict[
     assert sorted(config["target_modules"]) == ["q_proj", "v_proj"]
     assert config["r"] == reference["cfg"].lora.r
     assert not any(p.name.startswith(".tmp-") for p in (run_dir / "train").iterdir())
+    # PEFT's card named the base by this machine's path: a local base is named by its directory only.
+    from huggingface_hub import ModelCard
+
+    card = (adapter / "README.md").read_text()
+    base = reference["cfg"].base.name_or_path
+    assert (
+        ModelCard(card).data.base_model is None
+        and base not in card
+        and "qa-lora" in ModelCard(card).data.tags
+    )
 
 
 @pytest.mark.slow

@@ -15,21 +15,35 @@ from tasks.core.artifacts import read_json
 from tasks.core.config import Config
 from tasks.core.layout import RunLayout, rule_purpose
 from tasks.core.redact import redact_uri
+from tasks.plumbing.cards import base_name, hub_base_id
+from tasks.plumbing.general_text import RULE
 from tasks.stages.export.onnx_graph import ONNX_GRAPH
 
 
-def render_model_card(cfg: Config, run_dir: Path, summary: Mapping[str, Any], gate: Mapping[str, Any]) -> str:
-    """The model card as Markdown.
+def render_model_card(
+    cfg: Config,
+    run_dir: Path,
+    summary: Mapping[str, Any],
+    gate: Mapping[str, Any],
+    library: str = "onnx",
+) -> str:
+    """The model card as Markdown, after Hugging Face YAML front matter that hubs and catalogs read.
 
     Args:
         cfg: the effective configuration (base, lora, train, register sections are quoted).
         run_dir: the run directory (version.json, eval/metrics.json, the adapter's config are read).
         summary: the export summary (fingerprint, opset, provider, parity, variants).
         gate: the gate decision (`read_gate`).
+        library: the front matter's library_name: "onnx" (the export, what the registry serves) or
+            "transformers" (merged/).
     """
     layout = RunLayout.of(run_dir)
     lines = [
-        f"# {cfg.register.model_name}: Q&A model (LoRA fine-tune of {cfg.base.name_or_path}, merged)",
+        "---",
+        _front_matter(cfg, layout, gate, library).rstrip("\n"),
+        "---",
+        "",
+        f"# {cfg.register.model_name}: Q&A model (LoRA fine-tune of {base_name(cfg)}, merged)",
         "",
         *_lineage(cfg, layout, summary),
         "",
@@ -46,9 +60,58 @@ def render_model_card(cfg: Config, run_dir: Path, summary: Mapping[str, Any], ga
     return "\n".join(lines)
 
 
+def _front_matter(cfg: Config, layout: RunLayout, gate: Mapping[str, Any], library: str) -> str:
+    """base_model (a hub id only), library_name, license, datasets (the DVC hash), tags, pipeline_tag and a
+    model-index with the candidate's gated metrics, through huggingface_hub's own card data."""
+    from huggingface_hub import EvalResult, ModelCardData
+
+    hub_base = hub_base_id(cfg)
+    version = _maybe_json(layout.version_file) or {}
+    data = f"dvc:{version['dataset_hash']}" if version.get("dataset_hash") else None
+    candidate = (_maybe_json(layout.eval_metrics) or {}).get("candidate") or {}
+    figures = {m: candidate.get(m) for m in cfg.eval.primary_metrics}
+    figures.update({r["name"]: r.get("value") for r in gate.get("rules") or () if r.get("name") == RULE})
+    results = [
+        EvalResult(
+            task_type="text-generation",
+            dataset_type="qa-lora-eval-split",
+            dataset_name=f"held-out Q&A split ({data or 'unversioned'})",
+            metric_type=name,
+            metric_value=round(float(value), 4),
+            metric_name=name.replace("_", " "),
+        )
+        for name, value in figures.items()
+        if isinstance(value, int | float) and not isinstance(value, bool)
+    ]
+    card = ModelCardData(
+        model_name=cfg.register.model_name,
+        base_model=hub_base,
+        library_name=library,
+        license=cfg.export.license or _base_license(cfg) or "other",
+        datasets=[data] if data else None,
+        tags=["qa-lora", "lora", "question-answering", library, f"gate:{gate.get('decision', 'unknown')}"],
+        pipeline_tag="text-generation",
+        eval_results=results or None,
+    )
+    return card.to_yaml()
+
+
+def _base_license(cfg: Config) -> str | None:
+    """The license in a local base's own card (README.md front matter), if it has one."""
+    readme = Path(cfg.resolve(cfg.base.name_or_path)) / "README.md"
+    if not readme.is_file():
+        return None
+    from huggingface_hub import ModelCard
+
+    try:
+        return ModelCard.load(readme).data.license
+    except (OSError, ValueError):
+        return None
+
+
 def _lineage(cfg: Config, layout: RunLayout, summary: Mapping[str, Any]) -> list[str]:
     revision = f" (revision `{cfg.base.revision}`)" if cfg.base.revision else ""
-    lines = ["## Lineage", f"- Base model: `{cfg.base.name_or_path}`{revision}"]
+    lines = ["## Lineage", f"- Base model: `{base_name(cfg)}`{revision}"]
     version = _maybe_json(layout.version_file)
     if version and version.get("dataset_hash"):
         remote = f", remote `{redact_uri(str(version['remote']))}`" if version.get("remote") else ""

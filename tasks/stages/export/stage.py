@@ -291,9 +291,13 @@ def _summary(
 
 def _write_outputs(job: _Job, tmp: Path, summary: Mapping[str, Any]) -> None:
     """The model card at the export's top and in merged/ and onnx/, and export_summary.json."""
-    card = render_model_card(job.cfg, job.layout.root, summary, job.gate)
     card_name = job.layout.model_card.name
-    for where in (tmp, tmp / job.layout.merged_dir.name, tmp / job.layout.onnx_dir.name):
+    for where, library in (
+        (tmp, "onnx"),
+        (tmp / job.layout.merged_dir.name, "transformers"),
+        (tmp / job.layout.onnx_dir.name, "onnx"),
+    ):
+        card = render_model_card(job.cfg, job.layout.root, summary, job.gate, library)
         (where / card_name).write_text(card, encoding="utf-8")
     text = json.dumps(summary, indent=2) + "\n"
     (tmp / job.layout.export_summary.name).write_text(text, encoding="utf-8")

@@ -20,6 +20,7 @@ from typing import Any
 from tasks.core.artifacts import atomic_dir
 from tasks.core.config import Config
 from tasks.core.layout import RunLayout
+from tasks.plumbing.cards import scrub_adapter_card
 from tasks.plumbing.chat import chat_format
 from tasks.plumbing.general_text import replay_documents
 from tasks.plumbing.loading import BaseRef, load_tokenizer, resolve_base
@@ -267,5 +268,6 @@ def save_adapter(ctx: Context, trainer: Any, tokenizer: Any, chat: Any) -> bool:
             shutil.move(str(item), final_tmp / item.name)
         tokenizer.save_pretrained(final_tmp)
         chat.frame().save(final_tmp)
+        scrub_adapter_card(final_tmp / "README.md", ctx.cfg)
     shutil.rmtree(tmp, ignore_errors=True)
     return True
