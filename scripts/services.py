@@ -6,6 +6,8 @@ with its log in `$AIRFLOW_HOME/logs/services/`. The settings are the project's: 
 `dags/` only, no example DAGs, low parallelism, a one-slot pool for training, the venv's `bin/` on PATH.
 Ctrl-C (or SIGTERM) stops every service by PID; a task whose supervisor is gone ends itself and its
 training processes (tasks/runners/lifeline.py), and the stop waits for that and reports any straggler.
+A straggler is a process the services started (every one carries this start's QA_LORA_SERVICES token in
+its environment, inherited by whatever it spawns), never one that merely shares AIRFLOW_HOME.
 
 Unlike `airflow standalone`, nothing is started by the bare name `airflow` from an unknown PATH and
 nothing is left behind. The test fixtures use the same code (tests/e2e/test_airflow_services*.py).
@@ -22,6 +24,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+import uuid
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -30,6 +33,7 @@ BIN = Path(sys.executable).parent
 CORE = ("api-server", "scheduler", "dag-processor", "triggerer")
 SIMPLE_AUTH = "airflow.api_fastapi.auth.managers.simple.simple_auth_manager.SimpleAuthManager"
 PASSWORD_FILE = "simple_auth_manager_passwords.json.generated"
+TOKEN_VAR = "QA_LORA_SERVICES"  # one token per Services object: what its processes, and theirs, inherit
 
 
 def airflow_env(
@@ -86,6 +90,7 @@ class Services:
         self.log_dir = Path(log_dir)
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.stop_signals: dict[str, signal.Signals] = {}
+        self.token = uuid.uuid4().hex
 
     def start(self, name: str, *args: str, env: Mapping[str, str] | None = None) -> subprocess.Popen[bytes]:
         """Start `airflow <args>` (e.g. `celery worker -q mi300x`) as service `name`; `env` adds variables."""
@@ -104,7 +109,7 @@ class Services:
         with (self.log_dir / f"{name}.log").open("ab") as log:
             proc = subprocess.Popen(
                 argv,
-                env={**self.env, **(env or {})},
+                env={**self.env, **(env or {}), TOKEN_VAR: self.token},
                 cwd=REPO,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
@@ -162,7 +167,7 @@ class Services:
                 proc.wait()
         for proc in self.procs.values():
             _signal_group(proc, signal.SIGKILL)  # anything left in a service's own group
-        return _end_stragglers(self.env["AIRFLOW_HOME"], orphan_wait)
+        return _end_stragglers(self.token, orphan_wait)
 
 
 def _signal_group(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:
@@ -171,7 +176,16 @@ def _signal_group(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:
 
 
 def processes_of(home: str) -> list:
-    """Live processes (other than this one) whose environment has AIRFLOW_HOME=home."""
+    """Live processes (other than this one) whose environment has AIRFLOW_HOME=home (tests: nothing left)."""
+    return _with_env("AIRFLOW_HOME", home)
+
+
+def started_by(token: str) -> list:
+    """Live processes that a Services object with this token started, directly or not."""
+    return _with_env(TOKEN_VAR, token)
+
+
+def _with_env(name: str, value: str) -> list:
     import psutil
 
     found = []
@@ -179,18 +193,18 @@ def processes_of(home: str) -> list:
         if proc.pid == os.getpid() or proc.info["status"] == psutil.STATUS_ZOMBIE:
             continue
         try:
-            if proc.environ().get("AIRFLOW_HOME") == home:
+            if proc.environ().get(name) == value:
                 found.append(proc)
         except (psutil.AccessDenied, psutil.NoSuchProcess, psutil.ZombieProcess):
             continue
     return found
 
 
-def _end_stragglers(home: str, wait: float) -> list[str]:
+def _end_stragglers(token: str, wait: float) -> list[str]:
     import psutil
 
     deadline = time.monotonic() + wait
-    while (left := processes_of(home)) and time.monotonic() < deadline:
+    while (left := started_by(token)) and time.monotonic() < deadline:
         time.sleep(0.5)
     lines = []
     for proc in left:
@@ -199,6 +213,7 @@ def _end_stragglers(home: str, wait: float) -> list[str]:
             proc.kill()
         except psutil.NoSuchProcess:
             continue
+    psutil.wait_procs(left, timeout=10)  # gone when the stop returns, not a moment later
     return lines
 
 
@@ -222,6 +237,14 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt  # SIGTERM stops the services like Ctrl-C
 
 
+def handle_stop_signals() -> None:
+    """Ctrl-C and SIGTERM stop the services. Set explicitly: a shell starts a background job (`&`) with
+    SIGINT ignored, and Python then installs no handler of its own, so Ctrl-C did nothing for 60 s. The
+    services started after this inherit the default dispositions, not the ignore."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _interrupt)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -239,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"preparing {env['AIRFLOW_HOME']} (database, pool {pool}) ...", flush=True)
     prepare_home(env, {pool: 1})
     services = Services(env, args.home.resolve() / "logs" / "services")
-    signal.signal(signal.SIGTERM, _interrupt)
+    handle_stop_signals()
     try:
         print(f"starting {', '.join(CORE)} ...", flush=True)
         services.start_core()
