@@ -615,3 +615,20 @@ def test_incomplete_checkpoints_are_not_resumed(tmp_path: Path) -> None:
     assert is_complete(good)
     assert not is_complete(no_state) and not is_complete(no_optimizer)
     assert latest_complete_checkpoint(tmp_path) == good
+
+
+def test_fsdp_on_cpu_is_refused_not_trained_unsharded(tiny_base: Path, tmp_path: Path) -> None:
+    """accelerate enables FSDP for multi-GPU runs only: on CPU `fsdp` trained every process unsharded (as
+    DDP) under FSDP's name. The stage refuses it before any process starts, naming the fix."""
+    from tasks.stages.train import train_adapter
+
+    run_dir = tmp_path / "run"
+    _write_split(run_dir)
+    cfg = load_config(
+        overrides=_overrides(
+            tmp_path, tiny_base, "train.distributed=fsdp", "train.num_processes=2", "runtime.device=cpu"
+        )
+    )
+    with pytest.raises(UserError, match=r"^train\.distributed=fsdp: FSDP shards the model only across GPUs"):
+        train_adapter(cfg, run_dir)
+    assert not (run_dir / "train" / "checkpoints" / "launch_params.yaml").exists()

@@ -47,6 +47,23 @@ def die_with_parent() -> None:
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
+def check_sharding(cfg: Config, backend: str) -> None:
+    """FSDP shards only on GPUs: accelerate sets its FSDP mode for the multi-GPU distributed types, never
+    for MULTI_CPU (accelerate/state.py), so on CPU `train.distributed: fsdp` would train every process
+    unsharded, as DDP, under FSDP's name. Refused instead of pretended.
+
+    Raises:
+        UserError: fsdp with several processes on a machine without GPUs.
+    """
+    t = cfg.train
+    if t.distributed == "fsdp" and t.num_processes * t.nnodes > 1 and backend == "cpu":
+        raise UserError(
+            "train.distributed=fsdp: FSDP shards the model only across GPUs (accelerate enables it for "
+            "multi-GPU runs, not for processes on a CPU, where it would train unsharded as DDP); on this "
+            "machine set train.distributed: ddp"
+        )
+
+
 def launch_processes(cfg: Config, layout: RunLayout) -> None:
     """Run this node's share of the training (`train.num_processes` workers) and wait for them.
 

@@ -200,6 +200,11 @@ def build_trainer(ctx: Context, device: DeviceChoice, inputs: Inputs, callbacks:
         plain_loss=plan.device == "cpu",
     )
     data_facts = check_collation(trainer, inputs.chat, inputs.sft_rows)
+    if ctx.world > 1 and cfg.train.distributed == "fsdp" and not trainer.is_fsdp_enabled:
+        # check_sharding refuses the known case (CPU) before launch; a library change must not slip through
+        raise RuntimeError(
+            "train.distributed=fsdp, but the Trainer did not enable FSDP: it would train unsharded"
+        )
     resume = latest_complete_checkpoint(ctx.ckpt_dir)
     run_id = None
     if ctx.main:
