@@ -31,8 +31,9 @@ def resolve_tracking_uri(uri: str, root: Path = REPO_ROOT) -> str:
             f"register.tracking_uri: unsupported scheme {scheme or '(none)'!r} in {uri!r}; "
             f"expected one of {', '.join(SUPPORTED_SCHEMES)}"
         )
-    if scheme == "sqlite" and uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        return f"sqlite:///{(root / uri[len('sqlite:///') :]).resolve()}"
+    path = sqlite_path(uri)
+    if path is not None and not path.is_absolute():
+        return f"sqlite:///{(root / path).resolve()}"
     return uri
 
 
@@ -41,10 +42,8 @@ def artifact_root(cfg: Config) -> str:
     SQLite registry; "" when a tracking server decides."""
     if cfg.register.artifact_location:
         return cfg.register.artifact_location
-    uri = resolve_tracking_uri(cfg.register.tracking_uri)
-    if uri.startswith("sqlite:///"):
-        return (Path(uri[len("sqlite:///") :]).parent / "mlartifacts").as_uri()
-    return ""
+    path = sqlite_path(resolve_tracking_uri(cfg.register.tracking_uri))
+    return (path.parent / "mlartifacts").as_uri() if path is not None else ""
 
 
 @contextmanager

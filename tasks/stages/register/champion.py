@@ -27,6 +27,7 @@ from tasks.core.config import Config
 from tasks.core.errors import UserError
 from tasks.core.redact import redact
 from tasks.plumbing.registry import CHAMPION, LOCK_TIMEOUT_S, PREVIOUS, TAG, alias_version
+from tasks.plumbing.sqlite_store import sqlite_path
 from tasks.plumbing.tracking import resolve_tracking_uri, setup_mlflow
 from tasks.stages.register.lineage import norm_version
 from tasks.stages.register.upload import get_version
@@ -235,8 +236,8 @@ def registry_lock(cfg: Config) -> Iterator[None]:
     from filelock import FileLock, Timeout
 
     uri = resolve_tracking_uri(cfg.register.tracking_uri)
-    if uri.startswith("sqlite:///"):
-        path = Path(uri[len("sqlite:///") :]).with_suffix(".register.lock")
+    if (db := sqlite_path(uri)) is not None:
+        path = db.with_suffix(".register.lock")
     else:  # a server registry: this only serialises one machine (see the module docstring)
         key = hashlib.sha256(uri.encode()).hexdigest()[:12]
         path = Path(tempfile.gettempdir()) / f"qa-lora-register-{key}.lock"

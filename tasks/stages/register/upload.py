@@ -133,15 +133,21 @@ def find_or_create_version(
         mv = min(found, key=lambda v: int(v.version))
         log.info("run %s is already version %s of %r", run_id, mv.version, name)
         return mv, False
-    mv = client.create_model_version(
-        name, source=source, run_id=mlflow_run_id, tags=tags, description=f"pipeline run {run_id}"
-    )
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    while str(mv.status) == "PENDING_REGISTRATION" and time.monotonic() < deadline:
-        time.sleep(1)
-        mv = client.get_model_version(name, mv.version)
-    if str(mv.status) != "READY":
-        raise UserError(f"models:/{name}/{mv.version}: registration ended in status {mv.status}")
+    from mlflow.exceptions import MlflowException
+
+    try:  # the store waits for READY itself (a file/SQLite store is READY at once; a server may copy)
+        mv = client.create_model_version(
+            name,
+            source=source,
+            run_id=mlflow_run_id,
+            tags=tags,
+            description=f"pipeline run {run_id}",
+            await_creation_for=READY_TIMEOUT_S,
+        )
+    except MlflowException as exc:
+        if "READY" not in exc.message and "creation failed" not in exc.message:
+            raise
+        raise UserError(f"models:/{name}: the new version did not become READY ({exc.message})") from None
     log.info("created version %s of %r from %s", mv.version, name, source)
     return mv, True
 
