@@ -118,7 +118,7 @@ def _lineage(cfg: Config, layout: RunLayout, summary: Mapping[str, Any]) -> list
         lines.append(f"- Data version (DVC): `{version['dataset_hash']}`{remote}")
     else:
         lines.append(
-            f"- Data version (DVC): not available ({layout.version_file} missing or without dataset_hash)"
+            f"- Data version (DVC): not available ({layout.version_file.name} missing or without dataset_hash)"
         )
     return [
         *lines,
@@ -169,7 +169,7 @@ def _evaluation(layout: RunLayout, gate: Mapping[str, Any]) -> list[str]:
         lines += ["| metric | value |", "|---|---|"]
         lines += [f"| {k} | {v} |" for k, v in _flatten_numbers(metrics)]
     else:
-        lines.append(f"- Metrics: not available ({layout.eval_metrics} missing)")
+        lines.append(f"- Metrics: not available ({layout.eval_metrics.relative_to(layout.root)} missing)")
     decision = gate.get("decision") or ("pass" if gate.get("passed") else "fail")
     lines += ["", f"- Regression gate: **{decision}** (primary metric {gate.get('primary_metric', '?')})"]
     lines += [f"  - {r}" for r in gate.get("reasons") or []]
