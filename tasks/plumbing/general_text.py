@@ -96,7 +96,10 @@ def replay_documents(cfg: Config) -> tuple[list[str], str] | None:
             f"train.replay_source: train.replay_ratio={t.replay_ratio} replays general text, which a hub base "
             "needs as a JSONL or Parquet file with a 'text' column, or set train.replay_ratio: 0"
         )
-    general = general_documents(cfg)
+    try:
+        general = general_documents(cfg)
+    except UserError:
+        general = None  # its own error; validate reports both
     if general is not None and shingles(general[0]) & shingles(texts):
         raise UserError(
             f"train.replay_source: {source} shares passages with the forgetting rule's documents "

@@ -96,14 +96,19 @@ def test_validate_stops_a_run_whose_general_text_is_missing(tiny_base: Path, tmp
 
     other = shutil.copytree(tiny_base, tmp_path / "base")
     (other / "qa_lora_base.json").unlink()
-    cfg = load_config(
-        overrides=[
-            ("base.kind", "hub"),
-            ("base.name_or_path", str(other)),
-            ("gate.max_general_ppl_increase", 0.1),
-            ("train.replay_ratio", 0.0),
-        ]
-    )
-    with pytest.raises(UserError, match=r"^eval\.general_source: the forgetting rule"):
+    overrides = [
+        ("base.kind", "hub"),
+        ("base.name_or_path", str(other)),
+        ("gate.max_general_ppl_increase", 0.1),
+        ("train.replay_ratio", 0.0),
+    ]
+    cfg = load_config(overrides=overrides)
+    with pytest.raises(UserError, match=r"^eval\.general_source: the forgetting rule") as err:
         validate_dataset(cfg, tmp_path / "run")
+    assert "train.replay_source" not in str(err.value)
     assert not (tmp_path / "run" / "data").exists()
+    # With replay on as well (params.yaml's default), one message names both files the base needs.
+    with pytest.raises(UserError, match=r"^eval\.general_source: .*; and train\.replay_source: "):
+        validate_dataset(
+            load_config(overrides=[*overrides[:3], ("train.replay_ratio", 0.2)]), tmp_path / "run"
+        )

@@ -84,13 +84,19 @@ def validate_dataset(cfg: Config, run_dir: Path) -> dict[str, Any]:
 
 def _check_general_text(cfg: Config) -> None:
     """The forgetting rule's general text and the replayed text are read here, so a missing or bad file
-    stops the run before training rather than at the gate hours later."""
-    general = general_documents(cfg)
-    if general is not None:
-        log.info("forgetting rule: %d general documents from %s", len(general[0]), general[1])
-    replay = replay_documents(cfg)
-    if replay is not None:
-        log.info("replay: %d general documents from %s", len(replay[0]), replay[1])
+    stops the run before training rather than at the gate hours later; a base that needs both is told
+    both in one message."""
+    problems = []
+    for what, read in (("forgetting rule", general_documents), ("replay", replay_documents)):
+        try:
+            found = read(cfg)
+        except UserError as exc:
+            problems.append(str(exc))
+            continue
+        if found is not None:
+            log.info("%s: %d general documents from %s", what, len(found[0]), found[1])
+    if problems:
+        raise UserError("; and ".join(problems))
 
 
 def _validate(cfg: Config, layout: RunLayout) -> dict[str, Any]:
