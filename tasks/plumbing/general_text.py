@@ -37,7 +37,7 @@ def general_documents(cfg: Config) -> tuple[list[str], str] | None:
     n = cfg.eval.general_max_docs
     if cfg.eval.general_source:
         path = cfg.resolve(cfg.eval.general_source)
-        return _read_texts(path, cfg.data.max_row_bytes)[:n], str(path)
+        return _read_texts(path, cfg.data.max_row_bytes, "eval.general_source")[:n], str(path)
     if built_on_the_corpus(cfg):
         from tasks.plumbing.tiny_corpus import CORPUS_FILE, pretraining_corpus
 
@@ -83,7 +83,7 @@ def replay_documents(cfg: Config) -> tuple[list[str], str] | None:
         return None
     if t.replay_source:
         path = cfg.resolve(t.replay_source)
-        texts, source = _read_texts(path, cfg.data.max_row_bytes), str(path)
+        texts, source = _read_texts(path, cfg.data.max_row_bytes, "train.replay_source"), str(path)
     elif built_on_the_corpus(cfg):
         from tasks.plumbing.tiny_corpus import CORPUS_FILE, pretraining_corpus
 
@@ -128,7 +128,7 @@ def shingles(texts: Iterable[str]) -> set[int]:
     return out
 
 
-def _read_texts(path: Path, max_row_bytes: int) -> list[str]:
+def _read_texts(path: Path, max_row_bytes: int, key: str) -> list[str]:
     """The `text` of every row of a JSONL or Parquet file, read and checked as the Q&A data is
     (readers.py: encoding, JSON per line, data.max_row_bytes).
 
@@ -138,9 +138,9 @@ def _read_texts(path: Path, max_row_bytes: int) -> list[str]:
     from tasks.plumbing.readers import JSONL_ORDER, Problems, jsonl_records, parquet_records
 
     if not path.is_file():
-        raise UserError(f"{path}: eval.general_source not found (expected a JSONL or Parquet file)")
+        raise UserError(f"{path}: {key} not found (expected a JSONL or Parquet file)")
     if path.suffix not in (".jsonl", ".ndjson", ".parquet"):
-        raise UserError(f"{path}: eval.general_source must be .jsonl or .parquet, got {path.suffix!r}")
+        raise UserError(f"{path}: {key} must be .jsonl or .parquet, got {path.suffix!r}")
     problems = Problems(path)
     read = parquet_records if path.suffix == ".parquet" else jsonl_records
     texts = []
@@ -152,7 +152,7 @@ def _read_texts(path: Path, max_row_bytes: int) -> list[str]:
             problems.add("text", line, "expected a non-empty string 'text'")
     problems.raise_first((*JSONL_ORDER, "text"))
     if not texts:
-        raise UserError(f"{path}: no texts (check: general_source)")
+        raise UserError(f"{path}: no texts ({key})")
     return texts
 
 

@@ -72,3 +72,11 @@ def test_every_hub_preset_names_its_general_text_and_replays_nothing(preset: str
     assert cfg.gate.max_general_ppl_increase is not None and replay_documents(cfg) is None
     with pytest.raises(UserError, match=r"data/general_text\.jsonl: eval\.general_source not found"):
         general_documents(cfg)
+
+
+def test_a_missing_replay_file_is_named_by_its_own_key(tmp_path: Path) -> None:
+    cfg = load_config(
+        overrides=[("train.replay_ratio", 0.2), ("train.replay_source", str(tmp_path / "r.jsonl"))]
+    )
+    with pytest.raises(UserError, match=r"r\.jsonl: train\.replay_source not found"):
+        replay_documents(cfg)
