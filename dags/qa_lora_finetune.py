@@ -3,7 +3,8 @@
 
 Keeps the Q&A model current: **validate** the Q&A dataset (Great Expectations) -> **version** it (DVC)
 -> **train** a LoRA adapter (TRL + PEFT; on the MI300X node in production) -> **evaluate** against base
-and champion -> **gate** -> **export** (merge, ONNX, parity) -> [approval] -> **register** (MLflow).
+and champion -> **gate** -> **export** (merge, ONNX, parity) -> **register** (MLflow) -> [approval]
+-> **retention** (old runs, their registry versions and DVC cache objects; `runtime.keep_runs`).
 
 * Scheduled (cron in `params.yaml: orchestrate.schedule`) and data-aware: a producer that updates the
   `qa_lora_dataset` Asset triggers a run.
@@ -12,6 +13,8 @@ and champion -> **gate** -> **export** (merge, ONNX, parity) -> [approval] -> **
 * A failed gate skips export and register (with the reasons in the `gate` task log), or fails the run
   when `gate_on_fail` is `fail`. Nothing is registered from a failed gate.
 * Every artifact lives under `runs/<run id>/`; XCom carries only paths, hashes and metrics.
+* Who is told (`orchestrate.notify`): a failed run, a refused candidate, a new champion, an approval
+  waiting, by email (an Airflow SMTP connection) or Slack; every notice is in `runs/notifications.jsonl`.
 
 This file only wires: the stage code is `tasks/` (plain Python, also run by `qa-lora` and `dvc repro`).
 """
@@ -24,7 +27,7 @@ from airflow.providers.standard.operators.hitl import ApprovalOperator
 from airflow.sdk import dag, get_current_context, task
 
 from tasks.runners import airflow as ds
-from tasks.runners.airflow_tasks import export, gate, register, validate, version
+from tasks.runners.airflow_tasks import ApprovalWaiting, export, gate, register, retention, validate, version
 
 CFG = ds.default_config()
 STAGE_TIMEOUT = timedelta(minutes=CFG.orchestrate.stage_timeout_minutes)
@@ -65,7 +68,7 @@ def qa_lora_finetune() -> None:
     def evaluate(run: dict, _trained: dict) -> dict:
         return ds.execute_stage("evaluate", run)
 
-    @task.short_circuit
+    @task.short_circuit(ignore_downstream_trigger_rules=False)  # skips the approval; retention still runs
     def approval_required(run: dict, _registered: dict) -> bool:
         return ds.approval_required(run)
 
@@ -75,6 +78,7 @@ def qa_lora_finetune() -> None:
         body="The candidate passed the gate and is registered as `candidate`. "
         "Review runs/{{ run_id }}/eval/eval_report.md, then approve to make it the champion.",
         response_timeout=timedelta(days=3),
+        notifiers=[ApprovalWaiting()],
     )
 
     @task
@@ -85,7 +89,7 @@ def qa_lora_finetune() -> None:
     evaluated = evaluate(run, train(run, version(run, validate(run))))
     exported = export(run)
     gate(run, evaluated) >> exported
-    approval_required(run, register(run, exported)) >> approve >> promote(run)
+    approval_required(run, register(run, exported)) >> approve >> promote(run) >> retention(run)
 
 
 qa_lora_finetune()

@@ -6,6 +6,7 @@ later stage or the registry could pick up; the next attempt clears the leftover 
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -15,7 +16,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from tasks.core.errors import OutOfSpace
+
 _TMP = ".tmp-"
+_MIB = 2**20
 
 
 @contextmanager
@@ -73,3 +77,45 @@ def write_text_atomic(path: Path, text: str) -> Path:
 def read_json(path: Path) -> Any:
     """Read a JSON artifact that an earlier stage wrote."""
     return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+@contextmanager
+def disk_space(path: Path, needed: int, what: str) -> Iterator[None]:
+    """Refuse before writing `what` (about `needed` bytes) under `path` when its filesystem lacks them,
+    and turn a full disk met while writing (ENOSPC, EDQUOT) into the same one line.
+
+    Use it around an :func:`atomic_dir` block: the temporary is removed on the way out, so a full disk
+    leaves nothing half-written and frees what the attempt took.
+
+    Raises:
+        OutOfSpace: naming the path, the space needed and the space free.
+    """
+    path = Path(path)
+    probe = next(p for p in (path, *path.parents) if p.exists())
+
+    def error() -> OutOfSpace:
+        free = shutil.disk_usage(probe).free
+        return OutOfSpace(
+            f"{path}: no space for {what}: needs about {needed / _MIB:.1f} MiB, {free / _MIB:.1f} MiB free "
+            "on its filesystem; free space (e.g. `qa-lora gc`) and retry"
+        )
+
+    if shutil.disk_usage(probe).free < needed:
+        raise error()
+    try:
+        yield
+    except Exception as exc:
+        if not disk_full(exc):
+            raise
+        raise error() from None
+
+
+def disk_full(exc: BaseException | None) -> bool:
+    """Whether an exception, or one in its chain, is a full disk (libraries wrap ENOSPC in their own)."""
+    while exc is not None:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if any(text in str(exc) for text in ("No space left on device", "Disk quota exceeded")):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False

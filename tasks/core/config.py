@@ -309,6 +309,9 @@ class RuntimeConfig(_Section):
     run_dir: str = "runs/local"
     num_threads: int = Field(0, ge=0)  # 0: let torch decide
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    keep_runs: int | None = Field(20, ge=1)  # retention: run directories kept (protected count); None: all
+    keep_gb: float | None = Field(None, gt=0.0)  # retention: a disk budget for the runs root
+    busy_hours: float = Field(24.0, gt=0.0)  # retention: a run written to this recently is in progress
 
 
 class KubernetesConfig(_Section):
@@ -324,6 +327,19 @@ class KubernetesConfig(_Section):
     )
 
 
+NotifyEvent = Literal["failed", "refused", "champion", "approval"]
+
+
+class NotifyConfig(_Section):
+    """Who hears about a run besides the log and runs/notifications.jsonl (Airflow notifiers)."""
+
+    events: tuple[NotifyEvent, ...] = ("failed", "refused", "champion", "approval")
+    email_to: tuple[str, ...] = ()  # empty: no email
+    email_from: str = "qa-lora@localhost"
+    smtp_conn_id: str = "smtp_default"  # the Airflow connection holds the server and its credentials
+    slack_webhook_conn_id: str | None = None  # needs the [slack] extra
+
+
 class OrchestrateConfig(_Section):
     """How Airflow runs the pipeline: schedule, where the train task goes, retries, timeouts."""
 
@@ -337,6 +353,7 @@ class OrchestrateConfig(_Section):
     train_timeout_minutes: float = Field(360.0, gt=0.0)
     stage_timeout_minutes: float = Field(60.0, gt=0.0)
     kubernetes: KubernetesConfig = KubernetesConfig()
+    notify: NotifyConfig = NotifyConfig()
 
 
 # `register` is a stage name; pydantic warns that it shadows ABCMeta.register, which nobody calls here.

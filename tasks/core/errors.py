@@ -18,3 +18,10 @@ class StoreDamaged(UserError):
 
     Not a :class:`StoreUnavailable`: no retry can fix it, so the DAG fails the task once.
     """
+
+
+class OutOfSpace(UserError):
+    """The filesystem that was to hold an output lacks the space; names the path, what is needed and free.
+
+    Not retried by the DAG (a minute later the disk is as full): free space (`qa-lora gc`), then rerun.
+    """

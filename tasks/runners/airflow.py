@@ -19,7 +19,7 @@ from typing import Any
 
 from tasks.core.config import REPO_ROOT, Config, load_config
 from tasks.core.errors import StoreUnavailable, UserError
-from tasks.core.layout import GateFailed
+from tasks.core.layout import GateFailed, RunLayout
 
 log = logging.getLogger("qa_lora.dag")
 
@@ -157,14 +157,18 @@ def execute_stage(name: str, run: dict[str, Any]) -> dict[str, Any]:
     with _fails_once(name):
         cfg = load_run_config(run_dir)
         try:
-            return run_stage(name, cfg, run_dir)
+            result = run_stage(name, cfg, run_dir)
         except GateFailed as exc:  # the export's serving rules: like the gate task, skip unless told to fail
+            _tell("refused", _current_run_id(run), str(exc), {"run_dir": str(run_dir)})
             if cfg.gate.on_fail == "fail":
                 raise
             from airflow.sdk.exceptions import AirflowSkipException
 
             log.warning("%s. Register is skipped; the champion is unchanged.", exc)
             raise AirflowSkipException(f"{name}: {exc}") from None
+    if name == "register":
+        _tell_champion(run, result)
+    return result
 
 
 def check_gate(run: dict[str, Any]) -> bool:
@@ -193,6 +197,13 @@ def check_gate(run: dict[str, Any]) -> bool:
         log.info("gate PASSED: the candidate goes on to merge, export and registration")
         return True
     reasons = "; ".join(gate.get("reasons", [])) or f"see {run_dir / 'eval' / 'gate.json'}"
+    report = str(RunLayout.of(run_dir).eval_report)
+    _tell(
+        "refused",
+        _current_run_id(run),
+        f"gate FAILED: {reasons}",
+        {"report": report, "run_dir": str(run_dir)},
+    )
     if load_run_config(run_dir).gate.on_fail == "fail":
         raise AirflowFailException(f"gate FAILED: {reasons}")
     log.warning(
@@ -212,6 +223,16 @@ def approval_required(run: dict[str, Any]) -> bool:
     return needed
 
 
+def retain(run: dict[str, Any]) -> dict[str, Any]:
+    """The DAG's last task: retention (runtime.keep_runs / keep_gb) around this run, which it never deletes."""
+    from tasks.runners.pipeline import load_run_config
+    from tasks.runners.retention import collect_garbage
+
+    run_dir = Path(run["run_dir"])
+    with _fails_once("retention"):
+        return collect_garbage(load_run_config(run_dir), run_dir)
+
+
 def promote_after_approval(run: dict[str, Any]) -> dict[str, Any]:
     """Promote this run's registered version after a person approved it (check-and-set in the registry)."""
     from airflow.sdk.exceptions import AirflowFailException
@@ -222,9 +243,11 @@ def promote_after_approval(run: dict[str, Any]) -> dict[str, Any]:
     _mask_credentials()
     run_dir = Path(run["run_dir"])
     try:
-        return register.promote_run(load_run_config(run_dir), run_dir, actor="airflow-approval")
+        registration = register.promote_run(load_run_config(run_dir), run_dir, actor="airflow-approval")
     except UserError as exc:
         raise AirflowFailException(f"promote: {exc}") from None
+    _tell_champion(run, registration)
+    return registration
 
 
 def sweep_params(cfg: Config) -> dict[str, Any]:
@@ -360,32 +383,60 @@ def refresh_dataset(cfg: Config) -> dict[str, Any]:
 
 
 def notify(context: dict[str, Any]) -> None:
-    """Success/failure hook: one summary line in the log and in runs/notifications.jsonl.
-
-    Swap in an Airflow notifier (Slack, SMTP) in production by adding it to the DAG's callbacks.
-    """
-    from datetime import UTC, datetime
-
-    from tasks.core.redact import redact
-
+    """The DAG's success/failure callback: a failed run is told (orchestrate.notify), every run recorded."""
     dag_run = context.get("dag_run")
     ti = context.get("task_instance") or context.get("ti")
     state = str(getattr(dag_run, "state", "unknown"))
     run_id = getattr(dag_run, "run_id", "unknown")
     run_dir = run_dir_for(run_id)  # named only when it exists: a run refused at `prepare` never made it
-    record = {
-        "time": datetime.now(UTC).isoformat(timespec="seconds"),
+    failed = "fail" in state
+    facts = {
         "dag_id": getattr(dag_run, "dag_id", DAG_ID),
-        "run_id": run_id,
         "state": state,
-        "failed_task": getattr(ti, "task_id", None) if "fail" in state else None,
-        "reason": redact(str(context.get("reason") or context.get("exception") or "")),
+        "failed_task": getattr(ti, "task_id", None) if failed else None,
         "run_dir": str(run_dir) if run_dir.is_dir() else None,
     }
-    log.info("qa-lora run %s finished: %s", run_id, state)
-    RUNS_ROOT.mkdir(parents=True, exist_ok=True)
-    with (RUNS_ROOT / "notifications.jsonl").open("a", encoding="utf-8") as fh:
-        fh.write(json.dumps(record) + "\n")
+    reason = str(context.get("reason") or context.get("exception") or "") or state
+    _tell("failed" if failed else "succeeded", run_id, reason, facts, context)
+
+
+def tell_approval_waiting(context: dict[str, Any]) -> None:
+    """The approval task's notifier: a registered candidate waits for a person."""
+    run_id = str(context.get("run_id"))
+    layout = RunLayout.of(run_dir_for(run_id))
+    version = (
+        json.loads(layout.registration.read_text()).get("version") if layout.registration.is_file() else None
+    )
+    reason = f"version {version} is registered as candidate: approve or reject its promotion to champion"
+    facts = {"version": version, "report": str(layout.eval_report), "task": "approve_promotion"}
+    _tell("approval", run_id, reason, facts, context)
+
+
+def _tell(event: str, run_id: str, reason: str, facts: dict[str, Any], context: Any = None) -> None:
+    from tasks.runners.notifications import Notice, deliver
+
+    journal = RUNS_ROOT / "notifications.jsonl"
+    deliver(Notice(event, run_id, reason, facts), default_config().orchestrate.notify, journal, context)
+
+
+def _current_run_id(run: dict[str, Any]) -> str:
+    """The Airflow run id inside a task; the run directory's name elsewhere (a test calling directly)."""
+    from airflow.sdk import get_current_context
+
+    try:
+        return str(get_current_context()["run_id"])
+    except RuntimeError:
+        return Path(run["run_dir"]).name
+
+
+def _tell_champion(run: dict[str, Any], registration: dict[str, Any]) -> None:
+    """A new champion (once: a retried task that finds itself champion already says nothing)."""
+    if registration.get("promoted") and registration.get("champion_before") != registration.get("version"):
+        reason = (
+            f"version {registration['version']} is the champion (was {registration.get('champion_before')})"
+        )
+        facts = {"model": registration.get("uris", {}).get("champion"), "version": registration["version"]}
+        _tell("champion", _current_run_id(run), reason, facts)
 
 
 def default_config() -> Config:

@@ -3,7 +3,7 @@ tasks.runners.airflow. Only DAG files import this module: it imports the Airflow
 
 from __future__ import annotations
 
-from airflow.sdk import task
+from airflow.sdk import BaseNotifier, task
 
 from tasks.runners import airflow as ds
 
@@ -18,7 +18,8 @@ def version(run: dict, _validated: dict) -> dict:
     return ds.execute_stage("version", run)
 
 
-@task.short_circuit
+# Only the direct downstream is skipped: the rest follow their trigger rules, so `retention` still runs.
+@task.short_circuit(ignore_downstream_trigger_rules=False)
 def gate(run: dict, _evaluated: dict) -> bool:
     return ds.check_gate(run)
 
@@ -31,3 +32,15 @@ def export(run: dict) -> dict:  # merge + ONNX export + parity checks
 @task(retries=3, retry_exponential_backoff=2.0)  # the registry may be briefly unavailable
 def register(run: dict, _exported: dict) -> dict:
     return ds.execute_stage("register", run)
+
+
+@task(trigger_rule="none_failed")  # after a refused or a promoted candidate alike; never after a failure
+def retention(run: dict) -> dict:
+    return ds.retain(run)
+
+
+class ApprovalWaiting(BaseNotifier):
+    """The approval task's notifier: tells orchestrate.notify that a candidate waits for a person."""
+
+    def notify(self, context) -> None:
+        ds.tell_approval_waiting(dict(context))

@@ -81,6 +81,13 @@ def build_parser() -> argparse.ArgumentParser:
     rollback = sub.add_parser("rollback", help="move the champion alias back to the previous one")
     _common(rollback)
     rollback.add_argument("--reason", default="manual rollback", help="recorded in the version's tags")
+    gc_help = (
+        "retention: delete run directories beyond runtime.keep_runs / keep_gb, the registry versions "
+        "registered from them and the DVC cache objects only they used (never an aliased version's run)"
+    )
+    gc = sub.add_parser("gc", help=gc_help, description=gc_help)
+    _common(gc)
+    gc.add_argument("--dry-run", action="store_true", help="list what would go and the bytes freed")
     registry = sub.add_parser("registry", help="`registry repair`: restore or finish a half-migrated store")
     _common(registry)
     registry.add_argument("action", choices=["repair"], help="restore the backup or finish the migration")
@@ -106,6 +113,10 @@ def _dispatch(args: argparse.Namespace) -> Any:
         if args.command == "promote":
             return register.promote_version(cfg, args.version, reason=args.reason, actor=who)
         return register.rollback_champion(cfg, reason=args.reason, actor=who)
+    if args.command == "gc":
+        from tasks.runners.retention import collect_garbage
+
+        return collect_garbage(cfg, run_dir, dry_run=args.dry_run)
     if args.command == "base":
         return resolve_stage("base")(cfg)
     result = resolve_stage(args.command)(cfg, run_dir)

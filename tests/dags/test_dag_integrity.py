@@ -46,6 +46,10 @@ def test_stage_order(dagbag) -> None:
     assert down("gate") == {"export"} and "register" in down("export")
     assert down("approval_required") == {"approve_promotion"}
     assert down("approve_promotion") == {"promote"}
+    # retention runs last whether the candidate was refused, registered or promoted, never after a failure
+    assert down("promote") == {"retention"} and dag.get_task("retention").trigger_rule == "none_failed"
+    for short_circuit in ("gate", "approval_required"):  # they skip their direct downstream only
+        assert dag.get_task(short_circuit).ignore_downstream_trigger_rules is False
 
 
 def test_trigger_form_params(dagbag) -> None:

@@ -33,8 +33,9 @@ def test_unknown_conf_key_is_refused_in_one_line() -> None:
     assert "known keys:" in message and "learning_rate" in message and "max_steps" in message
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def runs_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Every test's own runs root: the gate and notices write notifications.jsonl there, not in the repo."""
     monkeypatch.setattr(ds, "RUNS_ROOT", tmp_path / "runs")
     return tmp_path / "runs"
 

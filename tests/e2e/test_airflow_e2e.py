@@ -80,6 +80,7 @@ def test_good_run_succeeds_every_task(good_run) -> None:
     # no approval asked for: the approval branch is skipped, visibly
     assert states["approval_required"] == "success"
     assert states["approve_promotion"] == "skipped" and states["promote"] == "skipped"
+    assert states["retention"] == "success"  # the last task runs after a skipped approval
 
 
 def test_good_run_artifacts(good_run) -> None:
@@ -144,6 +145,7 @@ def test_sabotaged_run_fails_the_gate_and_changes_nothing(good_run, airflow_env,
     assert states["gate"] == "success"  # the short-circuit task ran and said no
     for task in ("export", "register", "approval_required", "approve_promotion", "promote"):
         assert states[task] == "skipped", (task, states)
+    assert states["retention"] == "success"  # a refused candidate's run still ends with retention
     gate = json.loads((run / "eval" / "gate.json").read_text())
     assert gate["passed"] is False and gate["reasons"]
     failed = {rule["name"] for rule in gate["rules"] if not rule["passed"]}

@@ -19,6 +19,7 @@ from pathlib import Path
 import psutil
 import pytest
 from airflow_api import DAG_ID, PRODUCER_ID, Api, project_home, start_services, states
+from mail_sink import LOGIN, PASSWORD, MailSink, readable
 
 from scripts.services import processes_of
 
@@ -29,9 +30,19 @@ STAGES = ("prepare", "validate", "version", "train", "evaluate", "gate", "export
 
 
 @pytest.fixture(scope="module")
-def af(tmp_path_factory: pytest.TempPathFactory, repo_root: Path, tiny_base: Path):
+def mail():
+    sink = MailSink().start()
+    yield sink
+    sink.stop()
+
+
+@pytest.fixture(scope="module")
+def af(tmp_path_factory: pytest.TempPathFactory, repo_root: Path, tiny_base: Path, mail: MailSink):
     tmp = tmp_path_factory.mktemp("af-services")
-    services, api = start_services(tmp, project_home(tmp, repo_root), pools={"qa_lora_train": 1})
+    notify = {"email_to": ["oncall@example.com"], "smtp_conn_id": "qa_lora_smtp"}
+    home = project_home(tmp, repo_root, {"schedule": "0 3 * * 1", "notify": notify})
+    home["AIRFLOW_CONN_QA_LORA_SMTP"] = mail.connection()  # as a deployment defines it: not in params
+    services, api = start_services(tmp, home, pools={"qa_lora_train": 1})
     try:
         services.wait_healthy()
         api.login()
@@ -39,6 +50,18 @@ def af(tmp_path_factory: pytest.TempPathFactory, repo_root: Path, tiny_base: Pat
     finally:
         leftovers = services.stop()
         assert not processes_of(services.env["AIRFLOW_HOME"]), leftovers
+
+
+def _mail_for(mail: MailSink, title: str, run_id: str, timeout: float = 60) -> str:
+    """The one message about `title` ("run failed", ...) for this run, as a person reads it."""
+    deadline = time.monotonic() + timeout  # a DAG callback runs in the DAG processor, a little later
+    subject = f"[qa-lora] {title}: {run_id}"
+    while time.monotonic() < deadline and not [m for m in mail.messages if m["Subject"] == subject]:
+        time.sleep(1)
+    (message,) = [m for m in mail.messages if m["Subject"] == subject]
+    text = readable(message)
+    assert PASSWORD not in text and LOGIN not in text
+    return text
 
 
 def _champion(tmp: Path) -> str | None:
@@ -69,7 +92,7 @@ def test_unpausing_starts_no_run(af) -> None:
     assert api.runs(DAG_ID) == []
 
 
-def test_unknown_conf_key_fails_prepare_once(af) -> None:
+def test_unknown_conf_key_fails_prepare_once(af, mail: MailSink) -> None:
     _, api, tmp = af
     run_id = api.trigger(DAG_ID, {"max_steps": 5, "lr": 0.1})
     state, tis = api.wait_finished(DAG_ID, run_id, timeout=300)
@@ -82,6 +105,8 @@ def test_unknown_conf_key_fails_prepare_once(af) -> None:
         time.sleep(1)
     (notice,) = [n for n in map(json.loads, notices.read_text().splitlines()) if n["run_id"] == run_id]
     assert notice["state"] == "failed" and notice["run_dir"] is None  # no path that does not exist
+    assert notice["sent_to"] == ["email:oncall@example.com"], notice
+    assert "failed_task: prepare" in _mail_for(mail, "run failed", run_id)
 
 
 def _until_approval(api: Api, run_id: str) -> dict:
@@ -104,10 +129,12 @@ def _answer(api: Api, run_id: str, option: str) -> None:
     assert ti["state"] not in WAITING and ti["try_number"] == 1, f"answer {option!r} not taken: {ti}"
 
 
-def test_approved_run_promotes_the_candidate(af) -> None:
+def test_approved_run_promotes_the_candidate(af, mail: MailSink) -> None:
     _, api, tmp = af
     run_id = api.trigger(DAG_ID, {"max_steps": 120, "require_approval": True})
     tis = _until_approval(api, run_id)
+    waiting = _mail_for(mail, "approval waiting", run_id)
+    assert "registered as candidate" in waiting and "eval_report.md" in waiting
     for task in (*STAGES, "approval_required"):
         assert tis[task]["state"] == "success", (task, states(tis))
     assert tis["train"]["pool"] == "qa_lora_train"
@@ -121,6 +148,7 @@ def test_approved_run_promotes_the_candidate(af) -> None:
     assert json.loads((run / "eval" / "gate.json").read_text())["passed"] is True
     registration = json.loads((run / "register" / "registration.json").read_text())
     assert _champion(tmp) == str(registration["version"])
+    assert f"version {registration['version']} is the champion" in _mail_for(mail, "new champion", run_id)
 
 
 def test_rejected_run_keeps_the_champion(af) -> None:

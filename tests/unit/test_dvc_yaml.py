@@ -21,6 +21,7 @@ from tasks.runners.pipeline import EXTRA, STAGES
 
 REPO = Path(__file__).resolve().parents[2]
 RUNNER = "tasks.runners.cli"
+OTHER_COMMANDS = ("tasks.runners.retention",)  # `qa-lora gc`: no dvc.yaml stage runs it
 
 
 def _dvc_stages() -> dict[str, dict]:
@@ -49,7 +50,7 @@ def stage_closure(entry: str) -> set[str]:
     # The CLI names every stage (the dispatch table, promote/rollback); one command runs one stage.
     for runner in (RUNNER, "tasks.runners.pipeline"):
         for imported in list(graph.find_modules_directly_imported_by(runner)):
-            if imported.startswith("tasks.stages.") and not imported.startswith(entry):
+            if imported.startswith(("tasks.stages.", *OTHER_COMMANDS)) and not imported.startswith(entry):
                 graph.remove_import(importer=runner, imported=imported)
     roots = {RUNNER, entry} | {m for m in graph.modules if m.startswith(entry + ".")}
     modules: set[str] = set()

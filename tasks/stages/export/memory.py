@@ -111,6 +111,17 @@ def _merge_device(requested: str, gpu_need: int, gpu_available: int | None) -> t
     return "cpu", f"merge on CPU: GPU has {gpu_available / _GIB:.2f} GiB free, needs {gpu_need / _GIB:.2f}"
 
 
+# Bytes per parameter on disk: merged/ (fp32 safetensors) and onnx/ (fp32), and each variant's graph.
+DISK_BYTES = {"merged": 4, "onnx": 4, "fp16": 2, "int8": 1}
+DISK_EXTRA = 64 * 2**20  # tokenizers, model cards, layout files, ONNX external-data alignment
+
+
+def export_disk_need(cfg: Config, base_src: str) -> int:
+    """Bytes the export writes (its temporary directory at the peak), from the base's parameter count."""
+    per_param = DISK_BYTES["merged"] + DISK_BYTES["onnx"] + sum(DISK_BYTES[v] for v in cfg.export.variants)
+    return int(count_parameters(load_base_config(cfg, base_src)) * per_param * HEADROOM) + DISK_EXTRA
+
+
 def count_parameters(config: Any) -> int:
     """Parameter count without loading weights: the architecture built on the meta device."""
     import torch

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tasks.core.artifacts import atomic_dir
+from tasks.core.artifacts import atomic_dir, disk_space
 from tasks.core.config import Config
 from tasks.core.layout import RunLayout, read_gate
 from tasks.plumbing.chat import ChatFormat, chat_format, check_same_format
@@ -48,7 +48,7 @@ from tasks.plumbing.ort_runtime import (
 )
 from tasks.plumbing.registry import fetched_champion
 from tasks.stages.export.card import render_model_card
-from tasks.stages.export.memory import plan_export_memory
+from tasks.stages.export.memory import export_disk_need, plan_export_memory
 from tasks.stages.export.merge import generation_config, merge_adapter, raise_if_failed, torch_greedy
 from tasks.stages.export.onnx_graph import ONNX_GRAPH, check_onnx_parity, export_onnx, graph_size
 from tasks.stages.export.serving_gate import measure_serving, raise_if_refused
@@ -95,6 +95,7 @@ def export_model(cfg: Config, run_dir: Path) -> dict[str, Any]:
     Raises:
         UserError: missing inputs, a missing or failed gate, a quantized base, too little memory, no (or
             several) ONNX Runtime installed, an unavailable provider.
+        OutOfSpace: the run directory's filesystem lacks the export's size (before or while writing).
         ProviderUnavailable: the chosen GPU provider did not load and `export.allow_cpu_fallback` is off.
         ExportParityError: merge or ONNX parity outside tolerance (the stage fails, nothing is written).
     """
@@ -113,7 +114,12 @@ def export_model(cfg: Config, run_dir: Path) -> dict[str, Any]:
 
     choice, fallback = _choose_provider(cfg)
     job = _Job(cfg, layout, base_src, questions, fingerprint, gate, choice, fallback)
-    with atomic_dir(layout.export_dir) as tmp:
+    needed = export_disk_need(cfg, base_src)
+    # A full disk, found before or while writing, is one line; the temporary goes, and with it the space.
+    with (
+        disk_space(layout.export_dir, needed, "the export (merged, ONNX)"),
+        atomic_dir(layout.export_dir) as tmp,
+    ):
         summary = _build(job, tmp, t_start)
     log.info("export: done in %.1fs -> %s", time.perf_counter() - t_start, layout.export_dir)
     return export_result(layout, summary, reused=False)

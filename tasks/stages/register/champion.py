@@ -128,7 +128,7 @@ def rollback_champion(cfg: Config, reason: str, actor: str) -> dict[str, Any]:
         now = _now()
         _tag(client, name, current, rolled_back_by=actor, rolled_back_at=now, rollback_reason=reason)
         _tag(client, name, target, restored_by=actor, restored_at=now, restore_reason=reason)
-        _audit(client, name, f"{now} rollback v{current} -> v{target} by {actor}: {reason}")
+        audit(client, name, f"{now} rollback v{current} -> v{target} by {actor}: {reason}")
     log.info("rollback %r: champion v%s -> v%s by %s (%s)", name, current, target, actor, reason)
     return {
         "model_name": name,
@@ -192,7 +192,7 @@ def move_champion(client: Any, name: str, version: str, *, actor: str, reason: s
         promoted_at=now,
         promoted_over=current or "none",
     )
-    _audit(client, name, f"{now} promote v{version} (previous: {current or 'none'}) by {actor}: {reason}")
+    audit(client, name, f"{now} promote v{version} (previous: {current or 'none'}) by {actor}: {reason}")
 
 
 def _tag(client: Any, name: str, version: str, **tags: str) -> None:
@@ -218,7 +218,7 @@ def _history(client: Any, name: str) -> list[str]:
     return [str(v) for v in history]
 
 
-def _audit(client: Any, name: str, line: str) -> None:
+def audit(client: Any, name: str, line: str) -> None:
     """Append one line to the registered model's description (the last AUDIT_KEEP lines are kept)."""
     old = client.get_registered_model(name).description or AUDIT_HEADER
     lines = [x for x in old.splitlines() if x.startswith("- ")]

@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
+from tasks.core.artifacts import disk_space
 from tasks.core.config import Config
 from tasks.core.errors import UserError
 from tasks.core.layout import RunLayout
+from tasks.core.redact import redact
 from tasks.plumbing.registry import RUN_ID_TAG
 from tasks.plumbing.tracking import artifact_store_errors
 from tasks.stages.register.lineage import key_metrics, optional_reports, serving_figures
@@ -52,14 +55,38 @@ def upload_run(
     rid = run.info.run_id
     try:
         t0 = time.monotonic()
-        with artifact_store_errors(cfg.register.artifact_location):
+        with artifact_store_errors(cfg.register.artifact_location), _room_for(run.info.artifact_uri, layout):
             _log_tree(client, rid, cfg, layout, gate)
         log.info("uploaded the artifact tree in %.1fs", time.monotonic() - t0)
     except BaseException:
         client.set_terminated(rid, status="FAILED")
+        _drop_partial_upload(run.info.artifact_uri)
         raise
     client.set_terminated(rid, status="FINISHED")
     return rid, f"{run.info.artifact_uri}/{ARTIFACT_PATH}"
+
+
+def _room_for(artifact_uri: str, layout: RunLayout) -> Any:
+    """A local artifact store: refuse a filesystem without room for the tree, and a full disk in one line."""
+    from contextlib import nullcontext
+    from urllib.parse import urlparse
+
+    parsed = urlparse(artifact_uri)
+    if parsed.scheme not in ("", "file"):
+        return nullcontext()  # a remote store reports its own limits (artifact_store_errors)
+    parts = (layout.adapter_dir, layout.merged_dir, layout.onnx_dir, layout.eval_dir)
+    needed = sum(f.stat().st_size for part in parts for f in part.rglob("*") if f.is_file())
+    return disk_space(Path(parsed.path), needed, "the registered artifacts (adapter, merged, ONNX, reports)")
+
+
+def _drop_partial_upload(artifact_uri: str) -> None:
+    """A failed upload's files go: they belong to no version and would only fill the store."""
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    try:
+        get_artifact_repository(artifact_uri).delete_artifacts()
+    except Exception as exc:  # the upload's own error is the one to report
+        log.warning("could not delete the failed upload at %s: %s", redact(artifact_uri), redact(str(exc)))
 
 
 def _log_tree(client: Any, rid: str, cfg: Config, layout: RunLayout, gate: dict[str, Any]) -> None:
@@ -95,7 +122,6 @@ def _log_pyfunc(client: Any, rid: str, layout: RunLayout) -> None:
     """An MLmodel (python_function over the `onnx/` beside it: tasks.plumbing.serving) into the tree, so
     `mlflow.pyfunc.load_model("models:/NAME@champion")` and `mlflow models serve` work on the version."""
     import tempfile
-    from pathlib import Path
 
     from tasks.plumbing.serving import save_pyfunc_model
 

@@ -160,6 +160,50 @@ def fetch_dataset(cfg: Config, dataset_hash: str, dest: Path, repo_root: Path | 
     return Path(dest)
 
 
+def prune_snapshots(cfg: Config, drop: set[str], keep: set[str], *, dry_run: bool = False) -> dict[str, Any]:
+    """Delete the local DVC cache objects of dataset versions only pruned runs used (the remote keeps them).
+
+    Args:
+        cfg: the configuration (`data.dvc_remote`, only to open the repository as the stage does).
+        drop: `dataset_hash`es of the runs being deleted.
+        keep: `dataset_hash`es of the runs that stay; their objects, and every object the workspace's
+            dvc.lock uses, are never deleted (a file shared by two versions stays while one is kept).
+        dry_run: count, delete nothing.
+
+    Returns:
+        {"objects": how many cache files go, "bytes": their size}.
+    """
+    from dvc_data.hashfile.hash_info import HashInfo
+    from dvc_data.hashfile.tree import Tree
+
+    def objects(cache: Any, hashes: set[str]) -> set[str]:
+        out: set[str] = set()
+        for value in hashes:
+            info = HashInfo("md5", value if value.endswith(".dir") else f"{value}.dir")
+            if cache.exists(info.value):
+                out.add(info.value)
+                out.update(entry.value for _, _, entry in Tree.load(cache, info))
+        return out
+
+    if not drop:
+        return {"objects": 0, "bytes": 0}
+    with _open_repo(REPO_ROOT, _remote_url(cfg)) as repo:
+        cache = repo.cache.local
+        workspace = logging.getLogger("dvc")
+        level, workspace.level = workspace.level, logging.ERROR  # outputs without a lock entry: not ours
+        try:
+            used = {info.value for infos in repo.used_objs().values() for info in infos}
+        finally:
+            workspace.setLevel(level)
+        doomed = sorted(objects(cache, drop) - objects(cache, keep) - used)
+        paths = [cache.oid_to_path(oid) for oid in doomed]
+        size = sum(os.path.getsize(path) for path in paths if os.path.exists(path))
+        if paths and not dry_run:
+            cache.fs.remove(paths)
+    log.info("DVC cache: %d object(s), %d bytes %s", len(paths), size, "would go" if dry_run else "deleted")
+    return {"objects": len(paths), "bytes": size}
+
+
 class _FirstError:
     """The first per-object failure DVC reported during a transfer (DVC logs those instead of raising)."""
 
