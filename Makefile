@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet -c constraints.txt torch
 	# cpu: the CPU ONNX Runtime (exactly one runtime extra per venv); s3, celery, kubernetes: what the
 	# tests run for real (a loopback S3 server, CeleryExecutor on PostgreSQL + Redis, the pod models)
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev,cpu,s3,celery,kubernetes]'
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev,cpu,s3,celery,kubernetes,slack]'
 	touch $(STAMP)
 
 setup: $(STAMP)

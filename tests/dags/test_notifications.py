@@ -111,3 +111,42 @@ def test_a_succeeded_run_is_recorded_but_mails_nobody(mailbox) -> None:
     ds.notify({"dag_run": types.SimpleNamespace(run_id=RUN_ID, state="success")})
     assert received == []
     assert json.loads(journal.read_text().splitlines()[-1])["event"] == "succeeded"
+
+
+def test_a_slack_webhook_gets_the_same_notice(mailbox, tmp_path: Path, monkeypatch) -> None:
+    """Slack's incoming webhook (the Slack provider's notifier) served by a loopback HTTP server."""
+    import http.server
+    import threading
+
+    posts: list[dict] = []
+
+    class Hook(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            posts.append(
+                {"path": self.path, "body": json.loads(self.rfile.read(int(self.headers["Content-Length"])))}
+            )
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"ok")
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Hook)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    token = "T000/B000/slackSecret-3141"
+    url = f"http://127.0.0.1:{server.server_port}/services/{token}"
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_QA_LORA_SLACK", json.dumps({"conn_type": "slackwebhook", "password": url})
+    )
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"orchestrate": {"notify": {"slack_webhook_conn_id": "qa_lora_slack"}}}))
+    monkeypatch.setattr(ds, "PARAMS_FILE", str(params))
+    try:
+        ds.notify({"dag_run": types.SimpleNamespace(run_id=RUN_ID, state="failed"), "reason": "train: OOM"})
+    finally:
+        server.shutdown()
+    (post,) = posts
+    assert post["path"] == f"/services/{token}"  # the token stays in the connection's URL
+    text = post["body"]["text"]
+    assert f"run failed: {RUN_ID}" in text and "reason: train: OOM" in text and "slackSecret" not in text
