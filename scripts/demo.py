@@ -132,6 +132,12 @@ def show(run_dir: Path, questions: int = 3) -> None:
         )
     print(f"ONNX export:     {run_dir / 'export' / 'onnx'}")
     cfg = load_config(run_dir / "params.effective.yaml")
+    notify = cfg.orchestrate.notify
+    channels = [f"email to {', '.join(notify.email_to)}"] * bool(notify.email_to)
+    channels += [f"Slack ({notify.slack_webhook_conn_id})"] * bool(notify.slack_webhook_conn_id)
+    print(
+        f"notifications:   {run_dir.parent / 'notifications.jsonl'}; sent: {', '.join(channels) or 'nowhere (orchestrate.notify)'}"
+    )
     import mlflow
     import pandas as pd
 
