@@ -135,6 +135,10 @@ def show(run_dir: Path, questions: int = 3) -> None:
     notify = cfg.orchestrate.notify
     channels = [f"email to {', '.join(notify.email_to)}"] * bool(notify.email_to)
     channels += [f"Slack ({notify.slack_webhook_conn_id})"] * bool(notify.slack_webhook_conn_id)
+    where = {"file": str(run_dir.parent / "lineage.jsonl"), "http": str(cfg.lineage.url)}
+    print(
+        f"lineage:         OpenLineage events ({cfg.lineage.transport}): {where.get(cfg.lineage.transport, '-')}"
+    )
     print(
         f"notifications:   {run_dir.parent / 'notifications.jsonl'}; sent: {', '.join(channels) or 'nowhere (orchestrate.notify)'}"
     )

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tasks.core.errors import UserError
 from tasks.core.overrides import apply_overrides, read_params
@@ -27,13 +27,9 @@ PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the checkout that holds th
 
 
 def _project_root() -> Path:
-    """The project whose params.yaml, data/, models/ and registry a command works on.
-
-    $QA_LORA_ROOT if set; else the working directory when it is a qa-lora project (params.yaml and
-    dvc.yaml): `dvc repro` and `dvc exp run` run stages there, possibly in another clone or a temp
-    workspace than the one the package was installed from; else the checkout holding this code
-    (an Airflow worker's working directory is arbitrary).
-    """
+    """The project a command works on: $QA_LORA_ROOT; else the working directory when it holds params.yaml
+    and dvc.yaml (`dvc repro` / `dvc exp run` run stages there, maybe in another clone or a temp workspace);
+    else the checkout holding this code (an Airflow worker's working directory is arbitrary)."""
     env = os.environ.get("QA_LORA_ROOT")
     if env:
         return Path(env).resolve()
@@ -327,13 +323,11 @@ class KubernetesConfig(_Section):
     )
 
 
-NotifyEvent = Literal["failed", "refused", "champion", "approval"]
+NOTIFY_EVENTS = ("failed", "refused", "champion", "approval")
 
 
-class NotifyConfig(_Section):
-    """Who hears about a run besides the log and runs/notifications.jsonl (Airflow notifiers)."""
-
-    events: tuple[NotifyEvent, ...] = ("failed", "refused", "champion", "approval")
+class NotifyConfig(_Section):  # who hears of a run besides the log and notifications.jsonl (notifiers)
+    events: tuple[Literal[NOTIFY_EVENTS], ...] = NOTIFY_EVENTS  # type: ignore[valid-type]
     email_to: tuple[str, ...] = ()  # empty: no email
     email_from: str = "qa-lora@localhost"
     smtp_conn_id: str = "smtp_default"  # the Airflow connection holds the server and its credentials
@@ -356,6 +350,18 @@ class OrchestrateConfig(_Section):
     notify: NotifyConfig = NotifyConfig()
 
 
+class LineageConfig(_Section):  # OpenLineage events from every stage (tasks/runners/lineage.py)
+    namespace: str = "qa-lora"
+    transport: Literal["file", "console", "http", "openlineage", "none"] = "file"
+    url: str | None = None  # transport http: Marquez or DataHub (an API key from OPENLINEAGE_API_KEY)
+
+    @model_validator(mode="after")
+    def _url_for_http(self) -> LineageConfig:
+        if self.transport == "http" and not self.url:
+            raise ValueError("lineage.transport http needs lineage.url (e.g. http://marquez:5000)")
+        return self
+
+
 # `register` is a stage name; pydantic warns that it shadows ABCMeta.register, which nobody calls here.
 warnings.filterwarnings("ignore", message='Field name "register"', category=UserWarning)
 
@@ -372,6 +378,7 @@ class Config(_Section):
     register: RegisterConfig = RegisterConfig()
     runtime: RuntimeConfig = RuntimeConfig()
     orchestrate: OrchestrateConfig = OrchestrateConfig()
+    lineage: LineageConfig = LineageConfig()
 
     def to_dict(self) -> dict[str, Any]:
         """Plain, JSON/YAML-safe dict (tuples become lists)."""

@@ -150,6 +150,7 @@ def start_run(params: dict[str, Any], run_id: str) -> dict[str, Any]:
 def execute_stage(name: str, run: dict[str, Any]) -> dict[str, Any]:
     """Run one stage for a prepared run; a user error fails the task without retries."""
     from tasks.runners.lifeline import end_with_parent
+    from tasks.runners.lineage import airflow_task_parent
     from tasks.runners.pipeline import load_run_config, run_stage
 
     end_with_parent()  # training (and torchrun's workers) must not outlive a killed worker
@@ -157,7 +158,7 @@ def execute_stage(name: str, run: dict[str, Any]) -> dict[str, Any]:
     with _fails_once(name):
         cfg = load_run_config(run_dir)
         try:
-            result = run_stage(name, cfg, run_dir)
+            result = run_stage(name, cfg, run_dir, airflow_task_parent())
         except GateFailed as exc:  # the export's serving rules: like the gate task, skip unless told to fail
             _tell("refused", _current_run_id(run), str(exc), {"run_dir": str(run_dir)})
             if cfg.gate.on_fail == "fail":

@@ -19,7 +19,7 @@ from typing import Any
 from tasks.core.errors import UserError
 from tasks.core.logs import setup_logging
 from tasks.core.redact import redact
-from tasks.runners.pipeline import EXTRA, STAGES, resolve_stage
+from tasks.runners.pipeline import EXTRA, STAGES, resolve_stage, run_stage
 
 log = logging.getLogger("qa_lora")
 
@@ -119,7 +119,11 @@ def _dispatch(args: argparse.Namespace) -> Any:
         return collect_garbage(cfg, run_dir, dry_run=args.dry_run)
     if args.command == "base":
         return resolve_stage("base")(cfg)
-    result = resolve_stage(args.command)(cfg, run_dir)
+    result = (
+        run_stage(args.command, cfg, run_dir)
+        if args.command in STAGES
+        else resolve_stage(args.command)(cfg, run_dir)
+    )
     # dvc.yaml's `metrics` are these flat per-stage numbers, not the stages' nested result files.
     from tasks.runners.dvc_metrics import write_stage_metrics
 

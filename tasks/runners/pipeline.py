@@ -85,11 +85,23 @@ def resolve_stage(name: str) -> Callable[..., dict[str, Any]]:
     return getattr(module, func_name)
 
 
-def run_stage(name: str, cfg: Config, run_dir: Path) -> dict[str, Any]:
-    """Run one stage function by name, timed and logged."""
+def run_stage(
+    name: str, cfg: Config, run_dir: Path, lineage_parent: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """Run one stage function by name, timed, logged and reported as OpenLineage events.
+
+    Args:
+        name: the stage.
+        cfg: the run's configuration.
+        run_dir: the run directory.
+        lineage_parent: the OpenLineage run that runs this stage (an Airflow task); None: the run's own.
+    """
+    from tasks.runners.lineage import stage_events
+
     log.info("stage %s: starting", name)
     start = time.perf_counter()
-    result = resolve_stage(name)(cfg, Path(run_dir))
+    with stage_events(cfg, name, run_dir, lineage_parent) as event:
+        event["result"] = result = resolve_stage(name)(cfg, Path(run_dir))
     log.info("stage %s: done in %.1f s", name, time.perf_counter() - start)
     return result
 

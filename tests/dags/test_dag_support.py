@@ -233,7 +233,7 @@ def test_serving_rules_refusing_at_export_skip_or_fail_like_the_gate(
 
     run = _run_with_gate(tmp_path, True, on_fail)
 
-    def refused(name: str, cfg: Any, run_dir: Path) -> dict:
+    def refused(name: str, cfg: Any, run_dir: Path, lineage_parent: Any = None) -> dict:
         raise GateFailed(
             "serving gate failed: max_size_regression: candidate 12.5 MiB vs champion v3 10.0 MiB"
         )

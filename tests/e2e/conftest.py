@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -35,6 +36,11 @@ def airflow_env(e2e_home: Path, repo_root: Path) -> dict[str, str]:
         AIRFLOW__CORE__LOAD_EXAMPLES="False",
         QA_LORA_PARAMS=str(e2e_home / "e2e.yaml"),
         QA_LORA_RUNS_ROOT=str(e2e_home / "runs"),
+        # the OpenLineage provider's transport: its DAG and task events, and ours, into the runs root
+        AIRFLOW__OPENLINEAGE__TRANSPORT=json.dumps(
+            {"type": "file", "log_file_path": str(e2e_home / "runs" / "lineage.jsonl"), "append": True}
+        ),
+        AIRFLOW__OPENLINEAGE__NAMESPACE="qa-lora",
     )
     airflow = str(Path(sys.executable).with_name("airflow"))
     subprocess.run([airflow, "db", "migrate"], env=env, check=True, capture_output=True, timeout=600)

@@ -134,6 +134,44 @@ def test_good_run_registry_state(good_run, e2e_home: Path) -> None:
         assert float(tags[f"qa_lora.serving.{key}"]) == pytest.approx(serving["candidate"][key], rel=1e-5)
 
 
+def test_lineage_chains_the_run_to_its_dataset_version_and_model_version(good_run, e2e_home: Path) -> None:
+    """What a catalog reads: the OpenLineage provider's DAG run, our stage runs under it, the DVC dataset
+    version the version stage wrote and train read, and the model version register wrote from it."""
+    _, _, run = good_run
+    events = [json.loads(line) for line in (e2e_home / "runs" / "lineage.jsonl").read_text().splitlines()]
+    ours = [e for e in events if e["job"]["namespace"] == "qa-lora" and e["job"]["name"] in STAGE_JOBS]
+    done = {e["job"]["name"]: e for e in ours if e["eventType"] == "COMPLETE"}
+    assert set(done) >= set(STAGE_JOBS), sorted(done)
+    roots = {e["run"]["facets"]["parent"]["root"]["run"]["runId"] for e in done.values()}
+    assert len(roots) == 1, roots  # one DAG run holds every stage run
+    dag_runs = [e for e in events if e["job"]["name"] == "qa_lora_finetune" and e["run"]["runId"] in roots]
+    assert dag_runs, "the provider's DAG run event"
+    parents = {e["run"]["facets"]["parent"]["job"]["name"] for e in done.values()}
+    assert parents >= {f"qa_lora_finetune.{stage}" for stage in STAGE_JOBS}
+
+    def dvc(dataset_list: list) -> str:
+        (d,) = [d for d in dataset_list if d["name"] == "qa-dataset"]
+        return d["facets"]["version"]["datasetVersion"]
+
+    dataset_hash = json.loads((run / "version.json").read_text())["dataset_hash"]
+    assert dvc(done["version"]["outputs"]) == dvc(done["train"]["inputs"]) == dataset_hash
+    assert dvc(done["register"]["inputs"]) == dataset_hash
+    (model,) = done["register"]["outputs"]
+    registration = json.loads((run / "register" / "registration.json").read_text())
+    assert model["facets"]["version"]["datasetVersion"] == str(registration["version"])
+    assert (
+        model["facets"]["qa_lora_gate"]["passed"] is True
+        and "champion" in model["facets"]["qa_lora_registry"]["aliases"]
+    )
+    adapter = done["train"]["outputs"][0]
+    assert adapter in [{**d, "inputFacets": {}} for d in done["export"]["inputs"]] or any(
+        d["name"] == adapter["name"] for d in done["export"]["inputs"]
+    )
+
+
+STAGE_JOBS = ("validate", "version", "train", "evaluate", "export", "register")
+
+
 def test_sabotaged_run_fails_the_gate_and_changes_nothing(good_run, airflow_env, e2e_home: Path) -> None:
     """The sabotaged candidate (it learns nothing: it is the base) fails both comparisons by name: the
     base rule, and the champion rule against the version the good run registered, fetched from the

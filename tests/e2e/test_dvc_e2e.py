@@ -111,6 +111,11 @@ def test_repro_reuses_the_built_base_runs_everything_then_nothing(checkout) -> N
     assert re.search(r'"built": false', first), first[-3000:]
     assert _weights(repo) == before
     assert (repo / "runs" / "dvc" / "register" / "registration.json").is_file()
+    # Each `qa-lora <stage>` process reported its run to OpenLineage, all under the run directory's id.
+    events = [json.loads(line) for line in (repo / "runs" / "lineage.jsonl").read_text().splitlines()]
+    complete = {e["job"]["name"]: e for e in events if e["eventType"] == "COMPLETE"}
+    assert set(complete) == ALL_STAGES - {"base", "plots_template"}, sorted(complete)
+    assert len({e["run"]["facets"]["parent"]["run"]["runId"] for e in events}) == 1
 
     second = _sh(["dvc", "repro"], repo, env)
     assert _ran(second) == set()

@@ -4,7 +4,7 @@ Readable top to bottom (each step is a function of a module beside this one):
 
 1. Inputs: run_dir/train/adapter, run_dir/data/eval.jsonl (parity prompts), the base model, and a
    passing gate (eval/gate.json; missing or failed: refused). A re-run whose inputs and export params
-   are unchanged returns the existing export (idempotent; summary.py).
+   are unchanged returns the existing export (idempotent; inputs.py).
 2. Runtime: exactly one ONNX Runtime distribution, the provider (`export.provider`, auto: MIGraphX, ROCm,
    CUDA, CPU) loaded for real before any expensive work; a GPU provider that does not load fails the
    stage unless `export.allow_cpu_fallback` (then the fallback is recorded; tasks.plumbing.ort_runtime).
@@ -52,7 +52,7 @@ from tasks.stages.export.memory import export_disk_need, plan_export_memory
 from tasks.stages.export.merge import generation_config, merge_adapter, raise_if_failed, torch_greedy
 from tasks.stages.export.onnx_graph import ONNX_GRAPH, check_onnx_parity, export_onnx, graph_size
 from tasks.stages.export.serving_gate import measure_serving, raise_if_refused
-from tasks.stages.export.summary import (
+from tasks.stages.export.inputs import (
     CODE_VERSION,
     check_inputs,
     dir_size,
