@@ -23,73 +23,70 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from airflow.providers.standard.operators.hitl import ApprovalOperator
-from airflow.sdk import dag, get_current_context, task
+from airflow.sdk import chain, dag
 
-from tasks.runners import airflow as ds
-from tasks.runners.airflow_tasks import ApprovalWaiting, export, gate, register, retention, validate, version
+from tasks.runners.airflow import (
+    DAG_ID,
+    MAX_ACTIVE_RUNS,
+    dataset_asset,
+    default_config,
+    notify,
+    schedule_for,
+    trigger_params,
+)
+from tasks.runners.airflow_tasks import (
+    approval_required,
+    approve,
+    evaluate,
+    export,
+    gate,
+    prepare,
+    promote,
+    register,
+    retention,
+    train,
+    validate,
+    version,
+)
 
-CFG = ds.default_config()
-STAGE_TIMEOUT = timedelta(minutes=CFG.orchestrate.stage_timeout_minutes)
-DATASET = ds.dataset_asset(CFG)
+CFG = default_config()
 
 
 @dag(
-    dag_id=ds.DAG_ID,
+    dag_id=DAG_ID,
     description="LoRA fine-tuning of the Q&A model: validate, version, train, evaluate, gate, export, register",
     doc_md=__doc__,
-    schedule=ds.schedule_for(CFG, DATASET),
+    schedule=schedule_for(CFG, dataset_asset(CFG)),
     # No start_date: with one, Airflow ignores the timetable's run_immediately and unpausing the DAG
     # starts a run for the latest past cron slot (a full training nobody asked for).
     catchup=False,
-    max_active_runs=ds.MAX_ACTIVE_RUNS,
-    params=ds.trigger_params(CFG),
+    max_active_runs=MAX_ACTIVE_RUNS,
+    params=trigger_params(CFG),
     tags=["qa-lora", "llm", "lora", "mlops"],
     default_args={
         "owner": "ml-platform",
         "retries": 1,
         "retry_delay": timedelta(minutes=1),
-        "execution_timeout": STAGE_TIMEOUT,
+        "execution_timeout": timedelta(minutes=CFG.orchestrate.stage_timeout_minutes),
     },
-    on_success_callback=ds.notify,
-    on_failure_callback=ds.notify,
+    on_success_callback=notify,
+    on_failure_callback=notify,
 )
 def qa_lora_finetune() -> None:
-    @task
-    def prepare() -> dict:
-        ctx = get_current_context()
-        return ds.start_run(dict(ctx["params"]), ctx["run_id"])
-
-    @task(**ds.train_task_kwargs(CFG))
-    def train(run: dict, _versioned: dict) -> dict:
-        return ds.execute_stage("train", run)
-
-    @task
-    def evaluate(run: dict, _trained: dict) -> dict:
-        return ds.execute_stage("evaluate", run)
-
-    @task.short_circuit(ignore_downstream_trigger_rules=False)  # skips the approval; retention still runs
-    def approval_required(run: dict, _registered: dict) -> bool:
-        return ds.approval_required(run)
-
-    approve = ApprovalOperator(
-        task_id="approve_promotion",
-        subject="Promote the new qa-lora model to champion?",
-        body="The candidate passed the gate and is registered as `candidate`. "
-        "Review runs/{{ run_id }}/eval/eval_report.md, then approve to make it the champion.",
-        response_timeout=timedelta(days=3),
-        notifiers=[ApprovalWaiting()],
-    )
-
-    @task
-    def promote(run: dict) -> dict:
-        return ds.promote_after_approval(run)
-
     run = prepare()
-    evaluated = evaluate(run, train(run, version(run, validate(run))))
-    exported = export(run)
-    gate(run, evaluated) >> exported
-    approval_required(run, register(run, exported)) >> approve >> promote(run) >> retention(run)
+    chain(
+        validate(run),
+        version(run),
+        train(run),
+        evaluate(run),
+        gate(run),
+        export(run),
+        register(run),
+        approval_required(run),
+        approve(),
+        promote(run),
+        retention(run),
+    )
 
 
 qa_lora_finetune()

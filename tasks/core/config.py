@@ -131,16 +131,16 @@ class PromptConfig(_Section):
 
 
 class LoraSection(_Section):
-    r: int = Field(8, gt=0, le=1024, title="Rank r")
-    alpha: int = Field(16, gt=0, title="Alpha", description="scale = alpha / r")
-    dropout: float = Field(0.05, ge=0.0, lt=1.0, title="Dropout")
+    r: int = Field(32, gt=0, le=1024, title="Rank r")
+    alpha: int = Field(32, gt=0, title="Alpha", description="scale = alpha / r")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, title="Dropout")
     target_modules: tuple[str, ...] = Field(
-        ("q_proj", "v_proj"),
+        ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
         min_length=1,
         title="Target modules",
         description="Module names to adapt, one per line in the trigger form, e.g. q_proj, v_proj.",
     )
-    modules_to_save: tuple[str, ...] = Field((), title="Trained in full", description="e.g. embed_tokens")
+    modules_to_save: tuple[str, ...] = Field(("embed_tokens",), title="Trained in full")
     bias: Literal["none", "all", "lora_only"] = "none"
 
     @field_validator("target_modules", "modules_to_save", mode="before")
@@ -150,7 +150,7 @@ class LoraSection(_Section):
 
 
 class TrainConfig(_Section):
-    num_train_epochs: float = Field(3.0, gt=0.0, title="Epochs")
+    num_train_epochs: float = Field(8.0, gt=0.0, title="Epochs")
     max_steps: int = Field(
         -1,
         ge=-1,
@@ -159,7 +159,7 @@ class TrainConfig(_Section):
     )
     per_device_train_batch_size: int = Field(16, ge=1)
     gradient_accumulation_steps: int = Field(1, ge=1)
-    learning_rate: float = Field(2e-3, gt=0.0, le=1.0, title="Learning rate")
+    learning_rate: float = Field(2.5e-3, gt=0.0, le=1.0, title="Learning rate")
     lr_scheduler_type: Literal[
         "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_min_lr"
     ] = "cosine"
@@ -189,7 +189,7 @@ class TrainConfig(_Section):
     # Replay against forgetting: blocks of general text (labels on every token) mixed into the SFT rows,
     # `replay_ratio` blocks per row; the text is `replay_source` (JSONL/Parquet, `text`), or for the tiny
     # base its pretraining documents (tasks/plumbing/general_text.py). 0: none.
-    replay_ratio: float = Field(0.0, ge=0.0, le=4.0, title="Replay ratio")
+    replay_ratio: float = Field(0.2, ge=0.0, le=4.0, title="Replay ratio")
     replay_source: str | None = None
     replay_block_tokens: int = Field(128, ge=8)  # tokens per replayed block (at most max_length)
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"

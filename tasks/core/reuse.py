@@ -71,14 +71,10 @@ def reusable(
 
 @contextlib.contextmanager
 def file_lock(path: Path) -> Iterator[None]:
-    """Hold an exclusive advisory lock on `path` (created if missing) for the block's duration."""
-    import fcntl
+    """Hold an exclusive lock on `path` (created if missing) for the block's duration (the `filelock`
+    package, as the registry lock: one file-lock implementation in the project)."""
+    from filelock import FileLock
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+b") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path)):
+        yield

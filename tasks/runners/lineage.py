@@ -95,47 +95,56 @@ def stage_events(
         yield {}
         return
     run_dir = Path(run_dir)
+    facets: dict[str, Any] = {"parent": _parent_facet(cfg, run_dir, parent)}
+    run, job = Run(runId=str(uuid.uuid4()), facets=facets), Job(namespace=cfg.lineage.namespace, name=stage)
+    _emit(cfg, run_dir, _event(RunState.START, run, job))
+    holder: dict[str, Any] = {}
+    try:
+        yield holder
+    except BaseException as exc:
+        error = error_message_run.ErrorMessageRunFacet(
+            message=redact(f"{type(exc).__name__}: {exc}")[:2000], programmingLanguage="python"
+        )
+        failed = Run(runId=run.runId, facets={**facets, "errorMessage": error})
+        _emit(cfg, run_dir, _event(RunState.FAIL, failed, job))
+        raise
+    inputs, outputs = datasets(cfg, stage, run_dir, holder.get("result") or {})
+    done = _event(
+        RunState.COMPLETE,
+        run,
+        job,
+        [InputDataset(**d) for d in inputs],
+        [OutputDataset(**d) for d in outputs],
+    )
+    _emit(cfg, run_dir, done)
+
+
+def _event(
+    state: RunState, run: Run, job: Job, inputs: list | None = None, outputs: list | None = None
+) -> RunEvent:
+    now = datetime.now(UTC).isoformat()
+    return RunEvent(eventType=state, eventTime=now, producer=PRODUCER, run=run, job=job,
+                    inputs=inputs or [], outputs=outputs or [])  # fmt: skip
+
+
+def _parent_facet(cfg: Config, run_dir: Path, parent: dict[str, str] | None) -> parent_run.ParentRunFacet:
+    """The run that ran the stage (an Airflow task, under its DAG run) or the run directory's own run."""
     parent = parent or {
         "namespace": cfg.lineage.namespace,
         "name": "pipeline",
         "run_id": pipeline_run_id(run_dir),
     }
     root = None
-    if "root_run_id" in parent:  # an Airflow task's: its DAG run
+    if "root_run_id" in parent:
         root = parent_run.Root(
             run=parent_run.RootRun(runId=parent["root_run_id"]),
             job=parent_run.RootJob(namespace=parent["namespace"], name=parent["root_name"]),
         )
-    facets: dict[str, Any] = {
-        "parent": parent_run.ParentRunFacet(
-            run=parent_run.Run(runId=parent["run_id"]),
-            job=parent_run.Job(namespace=parent["namespace"], name=parent["name"]),
-            root=root,
-        )
-    }
-    run, job = Run(runId=str(uuid.uuid4()), facets=facets), Job(namespace=cfg.lineage.namespace, name=stage)
-    _emit(
-        cfg,
-        run_dir,
-        RunEvent(eventType=RunState.START, eventTime=_now(), producer=PRODUCER, run=run, job=job),
+    return parent_run.ParentRunFacet(
+        run=parent_run.Run(runId=parent["run_id"]),
+        job=parent_run.Job(namespace=parent["namespace"], name=parent["name"]),
+        root=root,
     )
-    holder: dict[str, Any] = {}
-    try:
-        yield holder
-    except BaseException as exc:
-        message = redact(f"{type(exc).__name__}: {exc}")[:2000]
-        failed = Run(runId=run.runId, facets={**facets, "errorMessage": error_message_run.ErrorMessageRunFacet(
-            message=message, programmingLanguage="python")})  # fmt: skip
-        _emit(
-            cfg,
-            run_dir,
-            RunEvent(eventType=RunState.FAIL, eventTime=_now(), producer=PRODUCER, run=failed, job=job),
-        )
-        raise
-    inputs, outputs = datasets(cfg, stage, run_dir, holder.get("result") or {})
-    done = RunEvent(eventType=RunState.COMPLETE, eventTime=_now(), producer=PRODUCER, run=run, job=job,
-                    inputs=[InputDataset(**d) for d in inputs], outputs=[OutputDataset(**d) for d in outputs])  # fmt: skip
-    _emit(cfg, run_dir, done)
 
 
 def pipeline_run_id(run_dir: Path) -> str:
@@ -241,10 +250,6 @@ def _sha256(path: Path) -> str | None:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def _now() -> str:
-    return datetime.now(UTC).isoformat()
 
 
 def _emit(cfg: Config, run_dir: Path, event: RunEvent) -> None:

@@ -156,6 +156,11 @@ def test_sweep_dag_maps_training_and_evaluation_and_takes_one_winner_on(dagbag) 
     assert "pick_winner" in evaluate.downstream_task_ids
     assert dag.get_task("pick_winner").downstream_task_ids == {"gate"}
     assert dag.get_task("gate").downstream_task_ids == {"export"}
+    # the form offers require_approval, and the DAG keeps the promise: the same approval step as the other
+    finetune = dagbag.dags["qa_lora_finetune"]
+    for task_id in ("approval_required", "approve_promotion", "promote", "retention"):
+        assert dag.get_task(task_id).downstream_task_ids == finetune.get_task(task_id).downstream_task_ids
+    assert "require_approval" in dag.params
     sweep = dag.params.get_param("sweep")
     assert len(sweep.resolve([{"lora.r": 4}, {"lora.r": 8}])) == 2
     with pytest.raises(ParamValidationError):

@@ -44,6 +44,14 @@ def test_repository_params_load_and_are_frozen() -> None:
         cfg.train.learning_rate = 1.0  # type: ignore[misc]
 
 
+def test_the_code_defaults_are_params_yaml_value_by_value() -> None:
+    # params.yaml is the one source of truth a user reads; the models' defaults (what an older params
+    # file or a preset that omits a key gets) must say the same, value by value.
+    from tasks.core.config import DEFAULT_PARAMS, Config
+
+    assert load_config(DEFAULT_PARAMS).to_dict() == Config().to_dict()
+
+
 def test_params_file_sets_every_key_explicitly() -> None:
     """params.yaml is the documentation: it spells out every key the code knows (no hidden defaults)."""
     import yaml

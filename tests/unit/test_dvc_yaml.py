@@ -75,10 +75,31 @@ def _covered(path: Path, deps: list[str]) -> bool:
 
 
 CODE_STAGES = [name for name, stage in _dvc_stages().items() if str(stage["cmd"]).startswith("qa-lora ")]
+# Stages that run one of our modules directly: `python -m tasks.<module> ...`.
+MODULE_STAGES = {
+    name: str(stage["cmd"]).split()[2]
+    for name, stage in _dvc_stages().items()
+    if str(stage["cmd"]).startswith("python -m tasks.")
+}
 
 
-def test_every_qa_lora_stage_is_checked() -> None:
+def test_every_stage_is_checked() -> None:
     assert set(CODE_STAGES) == {"base", "validate", "version", "train", "evaluate", "export", "register"}
+    assert MODULE_STAGES == {"plots_template": "tasks.runners.dvc_plots"}
+    assert set(_dvc_stages()) == set(CODE_STAGES) | set(MODULE_STAGES), "a stage whose code no test follows"
+
+
+@pytest.mark.parametrize("stage", sorted(MODULE_STAGES))
+def test_deps_cover_a_module_stage_import_closure(stage: str) -> None:
+    graph = grimp.build_graph("tasks")
+    entry = MODULE_STAGES[stage]
+    modules = {entry} | graph.find_upstream_modules(entry)
+    modules |= {".".join(m.split(".")[:i]) for m in modules for i in range(1, m.count(".") + 1)}
+    deps = [str(d) for d in _dvc_stages()[stage].get("deps", [])]
+    missing = sorted(
+        _module_file(m).relative_to(REPO).as_posix() for m in modules if not _covered(_module_file(m), deps)
+    )
+    assert not missing, f"dvc.yaml stage {stage!r}: add these to its deps (the stage imports them): {missing}"
 
 
 @pytest.mark.parametrize("stage", CODE_STAGES)

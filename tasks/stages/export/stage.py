@@ -48,10 +48,6 @@ from tasks.plumbing.ort_runtime import (
 )
 from tasks.plumbing.registry import fetched_champion
 from tasks.stages.export.card import render_model_card
-from tasks.stages.export.memory import export_disk_need, plan_export_memory
-from tasks.stages.export.merge import generation_config, merge_adapter, raise_if_failed, torch_greedy
-from tasks.stages.export.onnx_graph import ONNX_GRAPH, check_onnx_parity, export_onnx, graph_size
-from tasks.stages.export.serving_gate import measure_serving, raise_if_refused
 from tasks.stages.export.inputs import (
     CODE_VERSION,
     check_inputs,
@@ -62,6 +58,10 @@ from tasks.stages.export.inputs import (
     reusable_summary,
     versions,
 )
+from tasks.stages.export.memory import export_disk_need, plan_export_memory
+from tasks.stages.export.merge import generation_config, merge_adapter, raise_if_failed, torch_greedy
+from tasks.stages.export.onnx_graph import ONNX_GRAPH, check_onnx_parity, export_onnx, graph_size
+from tasks.stages.export.serving_gate import measure_serving, raise_if_refused
 from tasks.stages.export.variants import export_variants
 
 log = logging.getLogger("qa_lora.export")
