@@ -68,51 +68,28 @@ def measure(
     """
     import torch
 
-    from benchmarks import training
+    from benchmarks import mfu, training
     from benchmarks.common import machine
 
     gpu = device == "cuda"
     started = time.strftime("%Y-%m-%d %H:%M:%S")
     warmup, steps, blocks = (3, 12, 3) if quick else (5, 30, 3)
     naive_steps = 6 if quick else 15
-    t = time.perf_counter()
-    model_dir = _build_model(tmp / "llama-1b", shape, device)
-    build_s = time.perf_counter() - t
-    run_dir = tmp / "runs" / "gpu-bench"
-    _write_long_split(run_dir, rows=(warmup + steps) * batch * 2)
-    cfg = bench_config(
-        tmp,
-        [
-            ("base.name_or_path", str(model_dir)),
-            ("base.kind", "hub"),
-            ("runtime.device", device),
-            ("train.max_steps", warmup + steps),
-            ("train.per_device_train_batch_size", batch),
-            ("train.max_length", 512),
-            ("train.save_steps", 10_000),
-            ("train.logging_steps", 10),
-            ("train.learning_rate", 1e-4),
-            ("lora.r", 16),
-            ("lora.alpha", 32),
-        ],
-    )
+    cfg, run_dir, build_s = _prepare(tmp, shape, device, warmup + steps, batch)
     dtype = "bfloat16" if gpu else "float32"
     gemm = gemm_flops(device, dtype, [4096, 8192] if gpu else [256, 512], seconds=2.0 if gpu else 0.3)
     stage = training.measure_stage(cfg, run_dir, warmup, blocks, attn="sdpa")
     batches = stage.pop("batches")
     naive = training.measure_naive(cfg, run_dir, batch, batches, "sdpa", 2, naive_steps, blocks)
-    flops = training.flops_per_token(cfg, stage["trainer"]["mean_seq_len"])
-    variants = _variants(cfg, batches, variant_batches, quick)
+    flops = mfu.flops_per_token(cfg, stage["trainer"]["mean_seq_len"])
     best = max(g["flops"] for g in gemm.values())
-    s_rate, s_probe = stage["trainer"]["tokens_per_s"], stage["paired_bare"]["tokens_per_s"]
-    n_rate = naive["trainer"]["tokens_per_s"]
+    variants = _variants(cfg, batches, variant_batches, quick)
     for v in variants:
         if "tokens_per_s" in v:
             v["mfu"] = ratio(v["tokens_per_s"] * flops["lora"], best)
     steady = steady_state(batches, stage["trainer_step_s"], stage["bare_step_s"], warmup)
     rate = steady["trainer_tokens_per_s"]
     steady["mfu"] = ratio(rate * flops["lora"], best) if rate else None
-    profile = _guarded(_profile_bare, cfg, batches)
     return {
         "machine": machine(),
         "started": started,
@@ -124,6 +101,54 @@ def measure(
         "build_s": round(build_s, 1),
         "gemm": {"dtype": dtype, **gemm},
         "flops_per_token": flops,
+        **_rates(stage, naive, flops, best),
+        "stage": stage,
+        "naive": naive,
+        "variants": variants,
+        "steady_state": steady,
+        "kernel_time": _guarded(_profile_bare, cfg, batches),
+        "peak_gpu_memory_bytes": torch.cuda.max_memory_allocated() if gpu else None,
+        "tiny_check": _guarded(_tiny_check, tmp, device, quick) if tiny_check else None,
+        "load": loadavg(),
+    }
+
+
+def _prepare(
+    tmp: Path, shape: dict[str, Any], device: str, max_steps: int, batch: int
+) -> tuple[Any, Path, float]:
+    """The random model of `shape`, a split long enough for every step, the config: (cfg, run dir, build s)."""
+    t = time.perf_counter()
+    model_dir = _build_model(tmp / "llama-1b", shape, device)
+    build_s = time.perf_counter() - t
+    run_dir = tmp / "runs" / "gpu-bench"
+    _write_long_split(run_dir, rows=max_steps * batch * 2)
+    cfg = bench_config(
+        tmp,
+        [
+            ("base.name_or_path", str(model_dir)),
+            ("base.kind", "hub"),
+            ("runtime.device", device),
+            ("train.max_steps", max_steps),
+            ("train.per_device_train_batch_size", batch),
+            ("train.max_length", 512),
+            ("train.save_steps", 10_000),
+            ("train.logging_steps", 10),
+            ("train.learning_rate", 1e-4),
+            ("lora.r", 16),
+            ("lora.alpha", 32),
+            ("train.replay_ratio", 0.0),  # a random model has no pretraining text to replay
+        ],
+    )
+    return cfg, run_dir, build_s
+
+
+def _rates(
+    stage: dict[str, Any], naive: dict[str, Any], flops: dict[str, Any], best: float
+) -> dict[str, Any]:
+    """Tokens/s of the stage, the bare loop and TRL defaults, their ratios, and MFU against `best`."""
+    s_rate, s_probe = stage["trainer"]["tokens_per_s"], stage["paired_bare"]["tokens_per_s"]
+    n_rate = naive["trainer"]["tokens_per_s"]
+    return {
         "stage_tokens_per_s": s_rate,
         "bare_tokens_per_s": s_probe,
         "naive_tokens_per_s": n_rate,
@@ -134,14 +159,6 @@ def measure(
         "stage_mfu_6n": ratio(s_rate * flops["six_n"], best),
         "bare_mfu": ratio(s_probe * flops["lora"], best),
         "naive_mfu": ratio(n_rate * flops["lora"], best),
-        "stage": stage,
-        "naive": naive,
-        "variants": variants,
-        "steady_state": steady,
-        "kernel_time": profile,
-        "peak_gpu_memory_bytes": torch.cuda.max_memory_allocated() if gpu else None,
-        "tiny_check": _guarded(_tiny_check, tmp, device, quick) if tiny_check else None,
-        "load": loadavg(),
     }
 
 
@@ -155,13 +172,13 @@ def _variants(
     """
     import torch
 
-    from benchmarks import training
+    from benchmarks import mfu
 
     on_gpu = cfg.runtime.device == "cuda"
     out = []
     for size in sizes:
         try:
-            rows = training.batch_variants(
+            rows = mfu.batch_variants(
                 cfg,
                 batches,
                 "sdpa",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 
@@ -127,199 +128,27 @@ def _scale_rows(f: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
     ]
 
 
+Row = tuple[str, str, str, str, str]
+
+
 def render_table(results: dict[str, Any]) -> str:
     """The measured table plus the machine it ran on."""
     figs = results.get("figures", {})
-    m = results.get("machine", {})
-    run = results.get("run", {})
-    rows: list[tuple[str, str, str, str, str]] = []
-
-    def status_row(fig: str, label: str, target: str) -> bool:
-        st = _get(figs, fig, "status")
-        if st == "measured":
-            return False
-        what = "not run" if st is None else st
-        if st == "failed":
-            what = f"failed: {str(_get(figs, fig, 'error'))[:120]}"
-        rows.append((label, what, target, "n/a", ""))
-        return True
-
-    # 1a is a report, not a target: the 15x came from a CPU that emulates bf16, where TRL's bf16 default
-    # is ruinous; the stage runs at the bare-loop ceiling (1b), so 1a is bounded by bare/naive (RESULTS.md).
-    if not status_row("training", "1a. train tokens/s: stage vs naive TRL defaults", "report"):
-        f1 = figs["training"]["figure1"]
-        v = f1["stage_vs_naive"]
-        rows.append(
-            (
-                "1a. train tokens/s: stage vs naive TRL defaults",
-                _x(v),
-                "report",
-                "n/a",
-                f"{f1['stage_tokens_per_s']:.0f} vs {f1['naive_tokens_per_s']:.0f} tok/s "
-                f"median block rates (raw ratio {_x(f1['stage_vs_naive_raw'])}); the ratio is of per-step rates, "
-                "each divided by the bare step run right after it",
-            )
-        )
-        w = f1.get("naive_walkthrough")
-        if w:
-            v = f1["stage_vs_walkthrough"]
-            rows.append(
-                (
-                    "1a'. same, naive port at the walkthrough's batch and LoRA",
-                    _x(v),
-                    "report",
-                    "n/a",
-                    f"{f1['walkthrough_tokens_per_s']:.0f} tok/s at batch {w['batch_size']}, LoRA r={w['lora']['r']} "
-                    f"(params/llama2-7b-mi300x.yaml); {_pct(w['trainer']['pad_fraction'])} of its tokens are pad",
-                )
-            )
-        rows.append(_bare_row(figs["training"], ""))
-        f2 = figs["training"]["figure2"]
-        sizes = sorted(f2["gemm_fp32"], key=int)
-        gemm = ", ".join(f"{n}^2: {f2['gemm_fp32'][n]['flops'] / 1e9:.0f} GFLOP/s" for n in sizes)
-        mfu = " / ".join(_pct(f2.get(f"mfu_vs_gemm{n}")) for n in sizes)
-        six = " / ".join(_pct(f2.get(f"mfu_6n_vs_gemm{n}")) for n in sizes)
-        best = max(f2["variants"], key=lambda v: v["tokens_per_s"]) if f2["variants"] else None
-        extra = (
-            f"; best variant {best['variant']}: {' / '.join(_pct(best.get(f'mfu_vs_gemm{n}')) for n in sizes)}"
-            if best
-            else ""
-        )
-        rows.append(
-            (
-                f"2. MFU (useful FLOP/s / fp32 GEMM {' and '.join(s + '^2' for s in sizes)})",
-                mfu,
-                "report; raise where possible",
-                "n/a",
-                f"6N convention {six}; fp32 GEMM {gemm}{extra}",
-            )
-        )
-    if not status_row("inference", "3. ORT (KV cache) vs PyTorch generate", ">= 3.5x / >= 2x"):
-        rows += _generation_rows(figs["inference"], "")
-    rows += _other_kinds(figs)
-    serving_label = "8. `mlflow models serve` requests/s: our pyfunc (ORT) vs transformers flavor"
-    if not status_row("serving", serving_label, ">= 3x / >= 2x"):
-        f8 = figs["serving"]
-        for c, target in (("1", 3.0), ("8", 2.0)):
-            d = f8[f"concurrency{c}"]
-            ours, hf = d["pyfunc_onnx"], d["transformers"]
-            rows.append(
-                _at_least(
-                    f"8. `mlflow models serve` requests/s, concurrency {c}: our pyfunc vs transformers flavor",
-                    d["ours_vs_transformers"],
-                    target,
-                    f"{ours['requests_per_s']:.1f} vs {hf['requests_per_s']:.1f} req/s; p95 "
-                    f"{1000 * ours['p95_latency_s']:.0f} vs {1000 * hf['p95_latency_s']:.0f} ms; "
-                    f"identical answers {100 * f8['identical_answers']:.0f}% of {f8['requests']}",
-                )
-            )
-    if not status_row("airflow", "4a. `airflow dags test` wall / sum of stage times", "<= 1.3x"):
-        f = figs["airflow"]
-        rows.append(
-            (
-                "4a. `airflow dags test` wall / sum of stage times",
-                _x(f["wall_vs_stages"]),
-                "<= 1.3x",
-                _met(_cmp(f["wall_vs_stages"], "<=", 1.3)),
-                f"{f['dags_test_wall_s']:.0f} s vs {f['stages_sum_s']:.0f} s, "
-                f"{f['outside_stages_s']:.1f} s outside the stages "
-                f"({'small settings' if isinstance(f.get('settings'), dict) else 'params.yaml as shipped'}; "
-                f"db migrate {f['db_migrate_s']:.0f} s, not counted)",
-            )
-        )
-    if not status_row("dvc", "4b. `dvc repro`, nothing changed", "< 5 s"):
-        f = figs["dvc"]
-        v = f["noop_repro_s_median"]
-        rows.append(
-            (
-                "4b. `dvc repro`, nothing changed",
-                f"{v:.2f} s",
-                "< 5 s",
-                _met(_cmp(v, "<", 5.0) and not f["noop_ran"]),
-                f"runs {f['noop_repro_s_runs']}; stages rerun: {f['noop_ran'] or 'none'}",
-            )
-        )
-    if not status_row("dag", "5. DAG parse (airflow already imported)", "well under 1 s, no torch"):
-        f = figs["dag"]
-        v = f["parse_s_median"]
-        rows.append(
-            (
-                "5. DAG parse (airflow already imported)",
-                f"{v:.2f} s",
-                "well under 1 s, no torch",
-                _met(v < 1.0 and not f["heavy_imported"]),
-                f"{f['new_modules']} new modules ({', '.join(f['new_top_level_packages'][:5])}); heavy: "
-                f"{f['heavy_imported'] or 'none'}; airflow import {f['airflow_import_s']:.1f} s (separate)",
-            )
-        )
-    if not status_row("memory", "6. peak RSS - baseline / model bytes", "merge: < 2 copies"):
-        f = figs["memory"]
-        for key, label, target, ok in (
-            ("train_tiny", "6a. train peak / model bytes (tiny)", "report", None),
-            ("merge_tiny", "6b. merge peak / model bytes (tiny)", "report", None),
-            ("merge_large", "6c. merge peak / model bytes (random Llama)", "< 2 copies", "lt2"),
-        ):
-            d = f[key]
-            rows.append(
-                (
-                    label,
-                    _x(d["ratio"]),
-                    target,
-                    _met(d["ratio"] < 2.0) if ok else "n/a",
-                    f"{d['peak_minus_baseline'] / 2**20:.0f} MiB over baseline for {d['model_bytes'] / 2**20:.0f} MiB of weights",
-                )
-            )
-    if not status_row("scale", "9. the pipeline at 1M rows (validate)", "<= 300 s, <= 2 GiB"):
-        rows += _scale_rows(figs["scale"])
-    g = figs.get("gpu", {})
-    if g.get("status") == "measured":
-        gm = g.get("machine") or {}
-        variants = [v for v in g.get("variants") or [] if v.get("mfu") is not None]
-        best = max(variants, key=lambda v: v["mfu"], default=None)
-        detail = (
-            f"{g['gpu']} (torch {(gm.get('versions') or {}).get('torch', '?')}, measured {g.get('started', '?')}), "
-            f"batch {g.get('batch_size', '?')}: {g['stage_tokens_per_s']:.0f} tok/s; "
-            f"stage {_x(g['stage_vs_naive'])} TRL defaults, {_x(g['stage_vs_bare'])} bare; "
-            f"6N convention {_pct(g.get('stage_mfu_6n'))}; bare loop {_pct(g.get('bare_mfu'))}"
-        )
-        if best is not None:
-            detail += f"; best bare variant batch {best['batch']}: {_pct(best['mfu'])}"
-        steady = g.get("steady_state") or {}
-        if steady.get("mfu") is not None:
-            detail += f"; stage on already-seen shapes ({steady['steps']} steps): {_pct(steady['mfu'])}"
-        share = (g.get("kernel_time") or {}).get("share")
-        if share:
-            detail += "; GPU time " + ", ".join(f"{k} {_pct(v)}" for k, v in share.items())
-        tiny = g.get("tiny_check") or {}
-        if tiny.get("bf16") and tiny.get("fp32"):
-            b, f32 = tiny["bf16"], tiny["fp32"]
-            detail += (
-                f"; tiny base on bundled data, eval loss bf16 {b['eval_loss_after']:.3f} vs fp32 "
-                f"{f32['eval_loss_after']:.3f}"
-            )
-        rows.append(
-            (
-                "7. GPU LoRA MFU (bf16, 1.1B Llama)",
-                _pct(g["stage_mfu"]),
-                ">= 35%",
-                _met(_cmp(g["stage_mfu"], ">=", 0.35)),
-                detail,
-            )
-        )
-    else:
-        rows.append(("7. GPU LoRA MFU (bf16, 1.1B Llama)", "**not measured** (no GPU)", ">= 35%", "n/a", ""))
-
-    lines = [
-        f"Measured {run.get('started', '?')} ({'quick' if run.get('quick') else 'full'} run, "
-        f"{run.get('seconds', '?')} s; figures {', '.join(run.get('figures', []))}) on "
-        f"{m.get('cpu', '?')} (bf16 flags: {', '.join(m.get('cpu_bf16') or []) or 'none'}), {m.get('cpu_count', '?')} cores, {m.get('memory_gib', '?')} GiB, "
-        f"torch threads {m.get('torch_threads', '?')}, GPUs: {', '.join(m.get('gpus') or []) or 'none'}; "
-        f"load average at start {run.get('load_start')}, at end {run.get('load_end')}.",
-        f"Versions: {', '.join(f'{k} {v}' for k, v in (m.get('versions') or {}).items())}.",
-        "",
-        "| figure | measured | target | met | detail |",
-        "|---|---|---|---|---|",
-    ]
+    rows: list[Row] = []
+    for fig, label, target, measured_rows in _SECTIONS:
+        if fig is None:  # figures imported from other CPU kinds, after this machine's figure 3
+            rows += _other_kinds(figs)
+            continue
+        status = _get(figs, fig, "status")
+        if status == "measured":
+            rows += measured_rows(figs[fig])
+        else:
+            what = "not run" if status is None else status
+            if status == "failed":
+                what = f"failed: {str(_get(figs, fig, 'error'))[:120]}"
+            rows.append((label, what, target, "n/a", ""))
+    rows.append(_gpu_row(figs.get("gpu", {})))
+    lines = [*_header(results), "| figure | measured | target | met | detail |", "|---|---|---|---|---|"]
     lines += [f"| {a} | {b} | {c} | {d} | {e} |" for a, b, c, d, e in rows]
     per_fig = [
         f"{name}: {_get(figs, name, 'seconds')} s, load {_get(figs, name, 'load_end')}"
@@ -328,3 +157,192 @@ def render_table(results: dict[str, Any]) -> str:
     ]
     lines += ["", "Per figure (wall seconds, load average when it finished): " + "; ".join(per_fig) + "."]
     return "\n".join(lines)
+
+
+def _header(results: dict[str, Any]) -> list[str]:
+    m, run = results.get("machine", {}), results.get("run", {})
+    return [
+        f"Measured {run.get('started', '?')} ({'quick' if run.get('quick') else 'full'} run, "
+        f"{run.get('seconds', '?')} s; figures {', '.join(run.get('figures', []))}) on "
+        f"{m.get('cpu', '?')} (bf16 flags: {', '.join(m.get('cpu_bf16') or []) or 'none'}), {m.get('cpu_count', '?')} cores, {m.get('memory_gib', '?')} GiB, "
+        f"torch threads {m.get('torch_threads', '?')}, GPUs: {', '.join(m.get('gpus') or []) or 'none'}; "
+        f"load average at start {run.get('load_start')}, at end {run.get('load_end')}.",
+        f"Versions: {', '.join(f'{k} {v}' for k, v in (m.get('versions') or {}).items())}.",
+        "",
+    ]
+
+
+def _training_rows(training: dict[str, Any]) -> list[Row]:
+    # 1a is a report, not a target: the 15x came from a CPU that emulates bf16, where TRL's bf16 default
+    # is ruinous; the stage runs at the bare-loop ceiling (1b), so 1a is bounded by bare/naive (RESULTS.md).
+    f1 = training["figure1"]
+    rows: list[Row] = [
+        (
+            "1a. train tokens/s: stage vs naive TRL defaults",
+            _x(f1["stage_vs_naive"]),
+            "report",
+            "n/a",
+            f"{f1['stage_tokens_per_s']:.0f} vs {f1['naive_tokens_per_s']:.0f} tok/s "
+            f"median block rates (raw ratio {_x(f1['stage_vs_naive_raw'])}); the ratio is of per-step rates, "
+            "each divided by the bare step run right after it",
+        )
+    ]
+    if w := f1.get("naive_walkthrough"):
+        rows.append(
+            (
+                "1a'. same, naive port at the walkthrough's batch and LoRA",
+                _x(f1["stage_vs_walkthrough"]),
+                "report",
+                "n/a",
+                f"{f1['walkthrough_tokens_per_s']:.0f} tok/s at batch {w['batch_size']}, LoRA r={w['lora']['r']} "
+                f"(params/llama2-7b-mi300x.yaml); {_pct(w['trainer']['pad_fraction'])} of its tokens are pad",
+            )
+        )
+    return [*rows, _bare_row(training, ""), _mfu_row(training["figure2"])]
+
+
+def _mfu_row(f2: dict[str, Any]) -> Row:
+    sizes = sorted(f2["gemm_fp32"], key=int)
+    gemm = ", ".join(f"{n}^2: {f2['gemm_fp32'][n]['flops'] / 1e9:.0f} GFLOP/s" for n in sizes)
+    mfu = " / ".join(_pct(f2.get(f"mfu_vs_gemm{n}")) for n in sizes)
+    six = " / ".join(_pct(f2.get(f"mfu_6n_vs_gemm{n}")) for n in sizes)
+    best = max(f2["variants"], key=lambda v: v["tokens_per_s"]) if f2["variants"] else None
+    extra = (
+        f"; best variant {best['variant']}: {' / '.join(_pct(best.get(f'mfu_vs_gemm{n}')) for n in sizes)}"
+        if best
+        else ""
+    )
+    label = f"2. MFU (useful FLOP/s / fp32 GEMM {' and '.join(s + '^2' for s in sizes)})"
+    return (
+        label,
+        mfu,
+        "report; raise where possible",
+        "n/a",
+        f"6N convention {six}; fp32 GEMM {gemm}{extra}",
+    )
+
+
+def _serving_rows(f8: dict[str, Any]) -> list[Row]:
+    rows = []
+    for c, target in (("1", 3.0), ("8", 2.0)):
+        d = f8[f"concurrency{c}"]
+        ours, hf = d["pyfunc_onnx"], d["transformers"]
+        rows.append(
+            _at_least(
+                f"8. `mlflow models serve` requests/s, concurrency {c}: our pyfunc vs transformers flavor",
+                d["ours_vs_transformers"],
+                target,
+                f"{ours['requests_per_s']:.1f} vs {hf['requests_per_s']:.1f} req/s; p95 "
+                f"{1000 * ours['p95_latency_s']:.0f} vs {1000 * hf['p95_latency_s']:.0f} ms; "
+                f"identical answers {100 * f8['identical_answers']:.0f}% of {f8['requests']}",
+            )
+        )
+    return rows
+
+
+def _airflow_rows(f: dict[str, Any]) -> list[Row]:
+    settings = "small settings" if isinstance(f.get("settings"), dict) else "params.yaml as shipped"
+    detail = (
+        f"{f['dags_test_wall_s']:.0f} s vs {f['stages_sum_s']:.0f} s, {f['outside_stages_s']:.1f} s outside "
+        f"the stages ({settings}; db migrate {f['db_migrate_s']:.0f} s, not counted)"
+    )
+    ratio = f["wall_vs_stages"]
+    return [
+        (
+            "4a. `airflow dags test` wall / sum of stage times",
+            _x(ratio),
+            "<= 1.3x",
+            _met(_cmp(ratio, "<=", 1.3)),
+            detail,
+        )
+    ]
+
+
+def _dvc_rows(f: dict[str, Any]) -> list[Row]:
+    v = f["noop_repro_s_median"]
+    detail = f"runs {f['noop_repro_s_runs']}; stages rerun: {f['noop_ran'] or 'none'}"
+    return [
+        (
+            "4b. `dvc repro`, nothing changed",
+            f"{v:.2f} s",
+            "< 5 s",
+            _met(_cmp(v, "<", 5.0) and not f["noop_ran"]),
+            detail,
+        )
+    ]
+
+
+def _dag_rows(f: dict[str, Any]) -> list[Row]:
+    v = f["parse_s_median"]
+    detail = (
+        f"{f['new_modules']} new modules ({', '.join(f['new_top_level_packages'][:5])}); heavy: "
+        f"{f['heavy_imported'] or 'none'}; airflow import {f['airflow_import_s']:.1f} s (separate)"
+    )
+    met = _met(v < 1.0 and not f["heavy_imported"])
+    return [
+        ("5. DAG parse (airflow already imported)", f"{v:.2f} s", "well under 1 s, no torch", met, detail)
+    ]
+
+
+def _memory_rows(f: dict[str, Any]) -> list[Row]:
+    rows = []
+    for key, label, target, ok in (
+        ("train_tiny", "6a. train peak / model bytes (tiny)", "report", None),
+        ("merge_tiny", "6b. merge peak / model bytes (tiny)", "report", None),
+        ("merge_large", "6c. merge peak / model bytes (random Llama)", "< 2 copies", "lt2"),
+    ):
+        d = f[key]
+        detail = f"{d['peak_minus_baseline'] / 2**20:.0f} MiB over baseline for {d['model_bytes'] / 2**20:.0f} MiB of weights"
+        rows.append((label, _x(d["ratio"]), target, _met(d["ratio"] < 2.0) if ok else "n/a", detail))
+    return rows
+
+
+def _gpu_row(g: dict[str, Any]) -> Row:
+    label, target = "7. GPU LoRA MFU (bf16, 1.1B Llama)", ">= 35%"
+    if g.get("status") != "measured":
+        return (label, "**not measured** (no GPU)", target, "n/a", "")
+    gm = g.get("machine") or {}
+    variants = [v for v in g.get("variants") or [] if v.get("mfu") is not None]
+    best = max(variants, key=lambda v: v["mfu"], default=None)
+    detail = (
+        f"{g['gpu']} (torch {(gm.get('versions') or {}).get('torch', '?')}, measured {g.get('started', '?')}), "
+        f"batch {g.get('batch_size', '?')}: {g['stage_tokens_per_s']:.0f} tok/s; "
+        f"stage {_x(g['stage_vs_naive'])} TRL defaults, {_x(g['stage_vs_bare'])} bare; "
+        f"6N convention {_pct(g.get('stage_mfu_6n'))}; bare loop {_pct(g.get('bare_mfu'))}"
+    )
+    if best is not None:
+        detail += f"; best bare variant batch {best['batch']}: {_pct(best['mfu'])}"
+    steady = g.get("steady_state") or {}
+    if steady.get("mfu") is not None:
+        detail += f"; stage on already-seen shapes ({steady['steps']} steps): {_pct(steady['mfu'])}"
+    if share := (g.get("kernel_time") or {}).get("share"):
+        detail += "; GPU time " + ", ".join(f"{k} {_pct(v)}" for k, v in share.items())
+    tiny = g.get("tiny_check") or {}
+    if tiny.get("bf16") and tiny.get("fp32"):
+        b, f32 = tiny["bf16"], tiny["fp32"]
+        detail += f"; tiny base on bundled data, eval loss bf16 {b['eval_loss_after']:.3f} vs fp32 {f32['eval_loss_after']:.3f}"
+    return (label, _pct(g["stage_mfu"]), target, _met(_cmp(g["stage_mfu"], ">=", 0.35)), detail)
+
+
+# (figure, its label and target when it was not measured, its rows when it was), in the table's order.
+_SECTIONS: tuple[tuple[str | None, str, str, Callable[[dict[str, Any]], list[Row]]], ...] = (
+    ("training", "1a. train tokens/s: stage vs naive TRL defaults", "report", _training_rows),
+    (
+        "inference",
+        "3. ORT (KV cache) vs PyTorch generate",
+        ">= 3.5x / >= 2x",
+        lambda f: _generation_rows(f, ""),
+    ),
+    (None, "", "", list),
+    (
+        "serving",
+        "8. `mlflow models serve` requests/s: our pyfunc (ORT) vs transformers flavor",
+        ">= 3x / >= 2x",
+        _serving_rows,
+    ),
+    ("airflow", "4a. `airflow dags test` wall / sum of stage times", "<= 1.3x", _airflow_rows),
+    ("dvc", "4b. `dvc repro`, nothing changed", "< 5 s", _dvc_rows),
+    ("dag", "5. DAG parse (airflow already imported)", "well under 1 s, no torch", _dag_rows),
+    ("memory", "6. peak RSS - baseline / model bytes", "merge: < 2 copies", _memory_rows),
+    ("scale", "9. the pipeline at 1M rows (validate)", "<= 300 s, <= 2 GiB", _scale_rows),
+)

@@ -43,26 +43,7 @@ log = logging.getLogger("qa_lora.bench")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer steps and repeats (development)")
-    parser.add_argument("--only", action="append", choices=ALL, help="run only this figure (repeatable)")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="cuda: figure 7 (GPU)")
-    parser.add_argument("--keep", action="store_true", help="keep the temporary work directory")
-    parser.add_argument(
-        "--import-from",
-        metavar="RESULTS_JSON",
-        type=Path,
-        help="copy the figures named by --only (default: gpu) from a results.json written on another "
-        "machine (a GPU node) into this one, and rewrite the table; runs nothing",
-    )
-    parser.add_argument(
-        "--as",
-        dest="kind",
-        metavar="KIND",
-        help="with --import-from: keep the figures as another CPU kind's (e.g. avx2, amx) beside this "
-        "machine's own, as extra table rows for figures 1b and 3",
-    )
-    args = parser.parse_args(argv)
+    args = _parser().parse_args(argv)
     if args.import_from is not None:
         return _import(args.import_from, args.only or ["gpu"], args.kind)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
@@ -83,33 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         "load_start": loadavg(),
     }
     results.setdefault("figures", {})
-    train_run_dir: Path | None = None
     try:
-        for name in figures:
-            log.info("benchmark %s: starting (load %s)", name, loadavg())
-            t = time.perf_counter()
-            try:
-                data = _run_figure(name, tmp, args, train_run_dir)
-                if name == "training":
-                    train_run_dir = Path(data["run_dir"])
-                data["status"] = "measured"
-            except Exception as exc:  # one broken figure must not lose the others
-                if type(exc).__name__ == "NotMeasured":
-                    log.warning("benchmark %s: not measured: %s", name, exc)
-                    results["figures"][name] = {"status": "not measured", "reason": str(exc)}
-                    continue
-                log.error("benchmark %s failed: %s", name, exc)
-                data = {
-                    "status": "failed",
-                    "error": f"{type(exc).__name__}: {exc}",
-                    "trace": traceback.format_exc()[-4000:],
-                }
-            data["seconds"] = round(time.perf_counter() - t, 1)
-            data["load_end"] = loadavg()
-            data["quick"] = args.quick
-            results["figures"][name] = data
-            log.info("benchmark %s: %s in %.0fs", name, data["status"], data["seconds"])
-            _write(results)
+        _measure(figures, tmp, args, results)
     finally:
         results["run"]["seconds"] = round(time.perf_counter() - started, 1)
         results["run"]["load_end"] = loadavg()
@@ -120,6 +76,59 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(tmp, ignore_errors=True)
     log.info("done in %.0fs: %s, %s", time.perf_counter() - started, RESULTS_JSON, RESULTS_MD)
     return 0 if all(results["figures"][n]["status"] != "failed" for n in figures) else 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer steps and repeats (development)")
+    parser.add_argument("--only", action="append", choices=ALL, help="run only this figure (repeatable)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="cuda: figure 7 (GPU)")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary work directory")
+    parser.add_argument(
+        "--import-from",
+        metavar="RESULTS_JSON",
+        type=Path,
+        help="copy the figures named by --only (default: gpu) from a results.json written on another "
+        "machine (a GPU node) into this one, and rewrite the table; runs nothing",
+    )
+    parser.add_argument(
+        "--as",
+        dest="kind",
+        metavar="KIND",
+        help="with --import-from: keep the figures as another CPU kind's (e.g. avx2, amx) beside this "
+        "machine's own, as extra table rows for figures 1b and 3",
+    )
+    return parser
+
+
+def _measure(figures: list[str], tmp: Path, args: argparse.Namespace, results: dict[str, Any]) -> None:
+    """Each figure in turn, written to results.json as it finishes; one that fails loses no other."""
+    train_run_dir: Path | None = None
+    for name in figures:
+        log.info("benchmark %s: starting (load %s)", name, loadavg())
+        t = time.perf_counter()
+        try:
+            data = _run_figure(name, tmp, args, train_run_dir)
+            if name == "training":
+                train_run_dir = Path(data["run_dir"])
+            data["status"] = "measured"
+        except Exception as exc:  # one broken figure must not lose the others
+            if type(exc).__name__ == "NotMeasured":
+                log.warning("benchmark %s: not measured: %s", name, exc)
+                results["figures"][name] = {"status": "not measured", "reason": str(exc)}
+                continue
+            log.error("benchmark %s failed: %s", name, exc)
+            data = {
+                "status": "failed",
+                "error": f"{type(exc).__name__}: {exc}",
+                "trace": traceback.format_exc()[-4000:],
+            }
+        data["seconds"] = round(time.perf_counter() - t, 1)
+        data["load_end"] = loadavg()
+        data["quick"] = args.quick
+        results["figures"][name] = data
+        log.info("benchmark %s: %s in %.0fs", name, data["status"], data["seconds"])
+        _write(results)
 
 
 def _run_figure(name: str, tmp: Path, args: argparse.Namespace, train_run_dir: Path | None) -> dict[str, Any]:

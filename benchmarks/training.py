@@ -42,7 +42,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import bench_config, gemm_flops, loadavg, median, ratio, write_split
+from benchmarks.common import bench_config, loadavg, median, ratio, write_split
 from tasks.core.config import REPO_ROOT, load_config
 from tasks.stages.train import train_adapter
 from tasks.stages.train.model import lora_config
@@ -55,8 +55,6 @@ def run(tmp: Path, quick: bool, device: str = "cpu") -> dict[str, Any]:
 
     Also leaves a trained run dir (`run_dir`) that the inference figure exports and reuses.
     """
-    import torch
-
     warmup, steps, blocks = (2, 12, 3) if quick else (4, 24, 3)
     naive_steps = 3 if quick else 5  # slower per step: fewer steps, same block scheme
     run_dir = tmp / "runs" / "train-bench"
@@ -85,9 +83,19 @@ def run(tmp: Path, quick: bool, device: str = "cpu") -> dict[str, Any]:
         cfg, run_dir, wb, batches, attn, 2, naive_steps * max(1, batch // wb), blocks, lora=walk.lora
     )
     load_after = loadavg()
+    figure1 = _figure1(stage, naive, naive_walk)
+    figure1.update(batch_size=batch, split=split, load_before=load_before, load_after=load_after)
+    from benchmarks import mfu  # it builds on this module's bare loop
+
+    figure2 = mfu.figure2(cfg, stage, batches, quick)
+    return {"figure1": figure1, "figure2": figure2, "run_dir": str(run_dir)}
+
+
+def _figure1(stage: dict[str, Any], naive: dict[str, Any], naive_walk: dict[str, Any]) -> dict[str, Any]:
+    """Stage vs bare vs naive TRL (raw, and each relative to the bare step beside it)."""
     s_rate, s_probe = stage["trainer"]["tokens_per_s"], stage["paired_bare"]["tokens_per_s"]
     n_rate, n_probe = naive["trainer"]["tokens_per_s"], naive["paired_bare"]["tokens_per_s"]
-    figure1 = {
+    return {
         "stage_tokens_per_s": s_rate,
         "bare_tokens_per_s": s_probe,
         "naive_tokens_per_s": n_rate,
@@ -105,35 +113,7 @@ def run(tmp: Path, quick: bool, device: str = "cpu") -> dict[str, Any]:
         "stage": stage,
         "naive": naive,
         "naive_walkthrough": naive_walk,
-        "batch_size": batch,
-        "split": split,
-        "load_before": load_before,
-        "load_after": load_after,
     }
-
-    # ---- figure 2: MFU
-    flops = flops_per_token(cfg, stage["trainer"]["mean_seq_len"])
-    sizes = [256, 2048] if not quick else [256, 1024]
-    gemm = gemm_flops("cpu", "float32", sizes, seconds=1.0 if not quick else 0.5)
-    variants = batch_variants(cfg, batches, stage["attn_implementation"], quick)
-    figure2 = {
-        "flops_per_token": flops,
-        "gemm_fp32": gemm,
-        "torch_threads": torch.get_num_threads(),
-        "stage_achieved_flops": s_rate * flops["lora"],
-        "stage_achieved_flops_6n": s_rate * flops["six_n"],
-        "stage_padded_flops": stage["trainer"]["padded_tokens_per_s"] * flops["lora"],
-        "bare_achieved_flops": s_probe * flops["lora"],
-        "variants": variants,
-    }
-    for n, g in gemm.items():
-        figure2[f"mfu_vs_gemm{n}"] = ratio(figure2["stage_achieved_flops"], g["flops"])
-        figure2[f"mfu_6n_vs_gemm{n}"] = ratio(figure2["stage_achieved_flops_6n"], g["flops"])
-        figure2[f"hfu_padded_vs_gemm{n}"] = ratio(figure2["stage_padded_flops"], g["flops"])
-        figure2[f"bare_mfu_vs_gemm{n}"] = ratio(figure2["bare_achieved_flops"], g["flops"])
-        for v in variants:
-            v[f"mfu_vs_gemm{n}"] = ratio(v["tokens_per_s"] * flops["lora"], g["flops"])
-    return {"figure1": figure1, "figure2": figure2, "run_dir": str(run_dir)}
 
 
 # ------------------------------------------------------------------------------------------ bare
@@ -296,8 +276,8 @@ def measure_stage(cfg: Any, run_dir: Path, warmup: int, blocks: int, attn: str =
         log.warning("the stage used %s attention, the bare loop %s", attn, paired.attn)
     if len(paired.trainer_times) != len(paired.batches):
         raise RuntimeError(f"stage: {len(paired.trainer_times)} steps but {len(paired.batches)} batches")
-    trainer = _block_rates(paired.batches, paired.trainer_times, warmup, blocks)
-    bare = _block_rates(paired.batches, paired.bare_times, warmup, blocks)
+    trainer = block_rates(paired.batches, paired.trainer_times, warmup, blocks)
+    bare = block_rates(paired.batches, paired.bare_times, warmup, blocks)
     return {
         "trainer": trainer,
         "paired_bare": bare,
@@ -336,7 +316,7 @@ def _relative(
     return {"median": median(rel), "per_step": [round(r, 3) for r in rel]}
 
 
-def _block_rates(
+def block_rates(
     batches: list[dict[str, Any]], times: list[float], warmup: int, blocks: int
 ) -> dict[str, Any]:
     """Non-pad tokens/s over the steps after warm-up, as the median of `blocks` consecutive blocks."""
@@ -344,17 +324,17 @@ def _block_rates(
     padded = [int(b["attention_mask"].numel()) for b in batches]
     toks, padded, times = toks[warmup:], padded[warmup:], times[warmup:]
     size = max(1, len(times) // blocks)
-    block_rates, block_padded = [], []
+    rates, block_padded = [], []
     for i in range(0, size * blocks, size):
         sl = slice(i, i + size)
         if not times[sl]:
             break
-        block_rates.append(sum(toks[sl]) / sum(times[sl]))
+        rates.append(sum(toks[sl]) / sum(times[sl]))
         block_padded.append(sum(padded[sl]) / sum(times[sl]))
     lengths = [int(m) for b in batches for m in b["attention_mask"].sum(-1).tolist()]
     return {
-        "tokens_per_s": median(block_rates),
-        "block_tokens_per_s": [round(r, 1) for r in block_rates],
+        "tokens_per_s": median(rates),
+        "block_tokens_per_s": [round(r, 1) for r in rates],
         "padded_tokens_per_s": median(block_padded),
         "overall_tokens_per_s": sum(toks) / max(sum(times), 1e-9),
         "measured_steps": len(times),
@@ -364,67 +344,48 @@ def _block_rates(
     }
 
 
-CPU_VARIANTS = (
-    ("random order, batch 16", 16, False),
-    ("length-grouped, batch 16", 16, True),
-    ("length-grouped, batch 32", 32, True),
-    ("length-grouped, batch 64", 64, True),
-)
-
-
-def batch_variants(
-    cfg: Any,
-    batches: list[dict[str, Any]],
-    attn: str,
-    quick: bool,
-    variants: tuple[tuple[str, int, bool], ...] = CPU_VARIANTS,
-    warm_all: bool = False,
-) -> list[dict[str, Any]]:
-    """The bare loop over the stage's sequences re-batched: (name, batch size, length-grouped) each.
-
-    Shows what bucketing and larger batches do to tokens/s (and so to MFU) on this machine.
-    `warm_all`: one untimed pass over every batch first (a GPU pays once per new shape).
-    """
-    import torch
-
-    seqs = []
-    for b in batches:
-        for row in range(b["input_ids"].shape[0]):
-            n = int(b["attention_mask"][row].sum())
-            seqs.append((b["input_ids"][row, :n], b["labels"][row, :n]))
-    g = torch.Generator().manual_seed(0)
-    order = torch.randperm(len(seqs), generator=g).tolist()
-    pool = [seqs[i] for i in order][: 128 if quick else 192]
-    bare = Bare(cfg, attn)
-    out = []
-    for name, size, grouped in variants:
-        items = sorted(pool, key=lambda s: -len(s[0])) if grouped else pool
-        made = [_pad(items[i : i + size]) for i in range(0, len(items) - size + 1, size)]
-        if grouped:  # shuffle the batches, not the rows inside them (the stage's sampler does so too)
-            made = [made[i] for i in torch.randperm(len(made), generator=g).tolist()]
-        if warm_all:
-            for b in made:
-                bare.step(b)
-        made = [made[0], *made]  # first step is warm-up
-        times = [bare.step(b) for b in made]
-        rates = _block_rates(made, times, warmup=1, blocks=1)
-        out.append({"variant": name, "batch": size, **rates})
-    return out
-
-
-def _pad(rows: list[tuple[Any, Any]]) -> dict[str, Any]:
-    import torch
-
-    width = max(len(ids) for ids, _ in rows)
-    ids = torch.full((len(rows), width), 0, dtype=torch.long)
-    labels = torch.full((len(rows), width), -100, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, (x, y) in enumerate(rows):
-        ids[i, : len(x)], labels[i, : len(y)], mask[i, : len(x)] = x, y, 1
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
-
-
 # ----------------------------------------------------------------------------------------- naive
+
+
+def _naive_trainer(cfg: Any, run_dir: Path, batch: int, max_steps: int, lora: Any, paired: _Paired) -> Any:
+    """The walkthrough's SFTTrainer on TRL 1.x defaults, each step timed by `paired`."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    base = str(cfg.resolve(cfg.base.name_or_path))
+    rows = [json.loads(line) for line in (run_dir / "data" / "train.jsonl").read_text().splitlines()]
+    data = Dataset.from_list(
+        [{"text": f"<s>[INST] {r['question']} [/INST] {r['answer']} </s>"} for r in rows]
+    )
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    model = AutoModelForCausalLM.from_pretrained(base)  # the walkthrough: no dtype, no device given
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kw: Any) -> None:
+            paired.begin(model)
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            paired.end()
+
+    args = SFTConfig(
+        output_dir=str(run_dir.parent / "naive-trl"),
+        use_cpu=not _on_gpu(cfg),  # SFTConfig refuses to start on a machine without a GPU otherwise
+        per_device_train_batch_size=batch,
+        max_steps=max_steps,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        logging_steps=1000,
+    )
+    return SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=data,
+        processing_class=tokenizer,
+        peft_config=lora_config(lora),
+        callbacks=[Timer()],
+    )
 
 
 def measure_naive(
@@ -444,44 +405,9 @@ def measure_naive(
     use the stage's settings on the stage's batches: one yardstick for both trainers.
     """
     lora = lora or cfg.lora
-    from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-    from trl import SFTConfig, SFTTrainer
-
-    base = str(cfg.resolve(cfg.base.name_or_path))
-    rows = [json.loads(line) for line in (run_dir / "data" / "train.jsonl").read_text().splitlines()]
-    data = Dataset.from_list(
-        [{"text": f"<s>[INST] {r['question']} [/INST] {r['answer']} </s>"} for r in rows]
-    )
-    tokenizer = AutoTokenizer.from_pretrained(base)
-    model = AutoModelForCausalLM.from_pretrained(base)  # the walkthrough: no dtype, no device given
     paired = _Paired(cfg, attn, probe_batches)
-
-    class Timer(TrainerCallback):
-        def on_step_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kw: Any) -> None:
-            paired.begin(model)
-
-        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            paired.end()
-
-    args = SFTConfig(
-        output_dir=str(run_dir.parent / "naive-trl"),
-        use_cpu=not _on_gpu(cfg),  # SFTConfig refuses to start on a machine without a GPU otherwise
-        per_device_train_batch_size=batch,
-        max_steps=warmup + steps,
-        save_strategy="no",
-        report_to="none",
-        disable_tqdm=True,
-        logging_steps=1000,
-    )
-    trainer = SFTTrainer(
-        model=model,
-        args=args,
-        train_dataset=data,
-        processing_class=tokenizer,
-        peft_config=lora_config(lora),
-        callbacks=[Timer()],
-    )
+    trainer = _naive_trainer(cfg, run_dir, batch, warmup + steps, lora, paired)
+    args = trainer.args
     try:
         trainer.train()
     finally:
@@ -489,8 +415,8 @@ def measure_naive(
     if len(paired.trainer_times) != len(paired.batches):
         raise RuntimeError(f"naive: {len(paired.trainer_times)} steps but {len(paired.batches)} batches")
     return {
-        "trainer": _block_rates(paired.batches, paired.trainer_times, warmup, blocks),
-        "paired_bare": _block_rates(paired.probe_used, paired.bare_times, warmup, blocks),
+        "trainer": block_rates(paired.batches, paired.trainer_times, warmup, blocks),
+        "paired_bare": block_rates(paired.probe_used, paired.bare_times, warmup, blocks),
         "relative_to_bare": _relative(
             paired.batches, paired.trainer_times, paired.probe_used, paired.bare_times, warmup
         ),
@@ -504,54 +430,4 @@ def measure_naive(
         "padding_free": bool(args.padding_free),
         "packing": bool(args.packing),
         "text_format": "<s>[INST] {question} [/INST] {answer} </s> (loss on every token)",
-    }
-
-
-# ----------------------------------------------------------------------------------------- FLOPs
-
-
-def flops_per_token(cfg: Any, mean_seq_len: float) -> dict[str, Any]:
-    """Counts of the base model (from its config, on the meta device) and the LoRA adapter."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    mconf = AutoConfig.from_pretrained(str(cfg.resolve(cfg.base.name_or_path)))
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(mconf)
-    total = sum(p.numel() for p in model.parameters())
-    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
-    head = model.get_output_embeddings()
-    head_tied = head is not None and head.weight is model.get_input_embeddings().weight
-    n_lora = 0
-    targets = set(cfg.lora.target_modules)
-    for name, m in model.named_modules():
-        if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in targets:
-            n_lora += cfg.lora.r * (m.in_features + m.out_features)
-    # lora.modules_to_save trains weights in full: a matmul among them (the tied LM head when the
-    # embeddings are saved) also needs its weight gradient, 2N more per token.
-    wanted = set(cfg.lora.modules_to_save)
-    saved = {
-        id(p)
-        for name, m in model.named_modules()
-        if name.rsplit(".", 1)[-1] in wanted
-        for p in m.parameters()
-    }
-    n_full = sum(
-        m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear) and id(m.weight) in saved
-    )
-    layers, d = mconf.num_hidden_layers, mconf.hidden_size
-    attn = 12 * layers * d * mean_seq_len
-    lora_flops = 4 * linear + 2 * n_full + 6 * n_lora + attn
-    return {
-        "formula": "4*N_matmul + 2*N_full_matmul + 6*N_lora + 12*L*d*T",
-        "N_params": total,
-        "N_frozen_matmul": linear,
-        "N_full_matmul": n_full,
-        "lm_head_tied": head_tied,
-        "N_lora": n_lora,
-        "L": layers,
-        "d": d,
-        "T_mean": round(mean_seq_len, 1),
-        "lora": lora_flops,
-        "six_n": 6 * total,
     }

@@ -1,7 +1,7 @@
 """The export stage: `export_model(cfg, run_dir)` (stage.py reads top to bottom; its steps live beside it).
 
 stage.py      the entry: inputs, gate, runtime and provider, then merge -> ONNX -> parity -> card
-summary.py    inputs, fingerprint and reuse, the returned result
+inputs.py     inputs, fingerprint and reuse, the returned result
 memory.py     the memory plan (refuse a machine too small; merge on GPU or CPU)
 merge.py      the merge and the PyTorch side of every parity check
 onnx_graph.py the ONNX graph with a KV cache, its layout file, ONNX Runtime parity

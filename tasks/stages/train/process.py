@@ -34,9 +34,15 @@ from tasks.stages.train.checkpoints import (
 from tasks.stages.train.data import check_collation, tokenized_split, with_replay
 from tasks.stages.train.model import inspect_base, load_model, lora_config
 from tasks.stages.train.probe import apply_verdict, kernels_verdict, precision_verdict
-from tasks.stages.train.reporting import fail_mlflow_run, make_reporter, mlflow_params, start_mlflow_run
+from tasks.stages.train.reporting import (
+    build_summary,
+    fail_mlflow_run,
+    make_reporter,
+    mlflow_params,
+    start_mlflow_run,
+    write_outputs,
+)
 from tasks.stages.train.session import Context, DeviceChoice, Fit, Inputs, Outcome
-from tasks.stages.train.summary import build_summary, write_outputs
 from tasks.stages.train.trainer import sft_config, trainer_class
 
 log = logging.getLogger("qa_lora.train")

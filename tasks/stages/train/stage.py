@@ -7,7 +7,7 @@ module:
 * checkpoints.py: fingerprint, reuse of a finished training, resume from the newest complete checkpoint;
 * model.py: checks of the params against the model (meta device), loading, the LoRA config;
 * process.py: one training process as named steps (plan, load, build trainer, fit, save, summarise);
-* data.py, trainer.py, reporting.py, summary.py: what those steps use;
+* data.py, trainer.py, reporting.py: what those steps use;
 * distributed.py: N processes through torchrun (worker entry: tasks/runners/launch.py).
 
 Outputs (atomic, paths from RunLayout): run_dir/train/adapter/ (adapter weights + config + tokenizer),
