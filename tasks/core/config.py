@@ -183,9 +183,7 @@ class TrainConfig(_Section):
     nnodes: int = Field(1, ge=1, le=256, title="Nodes")
     rdzv_endpoint: str | None = Field(None, pattern=r"^[A-Za-z0-9.\-\[\]:]+:\d+$")
     rdzv_timeout_s: int = Field(300, ge=10)  # how long agents wait for every node to (re)join
-    max_restarts: int = Field(
-        0, ge=0, le=100
-    )  # worker-group restarts after a failure, from the last checkpoint
+    max_restarts: int = Field(0, ge=0, le=100)  # worker-group restarts, from the last checkpoint
     # Replay against forgetting: blocks of general text (labels on every token) mixed into the SFT rows,
     # `replay_ratio` blocks per row; the text is `replay_source` (JSONL/Parquet, `text`), or for the tiny
     # base its pretraining documents (tasks/plumbing/general_text.py). 0: none.
@@ -310,9 +308,8 @@ class RuntimeConfig(_Section):
     busy_hours: float = Field(24.0, gt=0.0)  # retention: a run written to this recently is in progress
 
 
+# The train task's pod, or pods for train.nnodes > 1 (the [kubernetes] extra; tasks/runners/kubernetes.py).
 class KubernetesConfig(_Section):
-    """Pod for the train task under the KubernetesExecutor (needs the [kubernetes] extra)."""
-
     namespace: str = "ml"
     image: str = "rocm/pytorch:latest"
     gpu_resource: str = "amd.com/gpu"  # the AMD device plugin's resource name
@@ -321,6 +318,9 @@ class KubernetesConfig(_Section):
     tolerations: tuple[dict[str, str], ...] = (
         {"key": "amd.com/gpu", "operator": "Exists", "effect": "NoSchedule"},
     )
+    conn_id: str = "kubernetes_default"  # train.nnodes > 1: the Airflow connection to the cluster
+    runs_claim: str = "qa-lora-runs"  # the PVC mounted at the runs root in every pod (shared run dirs)
+    rdzv_port: int = Field(29400, ge=1, le=65535)
 
 
 NOTIFY_EVENTS = ("failed", "refused", "champion", "approval")

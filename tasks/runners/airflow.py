@@ -158,7 +158,12 @@ def execute_stage(name: str, run: dict[str, Any]) -> dict[str, Any]:
     with _fails_once(name):
         cfg = load_run_config(run_dir)
         try:
-            result = run_stage(name, cfg, run_dir, airflow_task_parent())
+            if name == "train" and cfg.orchestrate.train_target == "kubernetes" and cfg.train.nnodes > 1:
+                from tasks.runners.kubernetes import train_on_nodes  # one pod per node, an indexed Job
+
+                result = train_on_nodes(cfg, run_dir)
+            else:
+                result = run_stage(name, cfg, run_dir, airflow_task_parent())
         except GateFailed as exc:  # the export's serving rules: like the gate task, skip unless told to fail
             _tell("refused", _current_run_id(run), str(exc), {"run_dir": str(run_dir)})
             if cfg.gate.on_fail == "fail":
@@ -311,36 +316,11 @@ def train_task_kwargs(cfg: Config) -> dict[str, Any]:
     kwargs["pool"] = o.train_pool or TRAIN_POOL
     if o.train_target == "celery":
         kwargs["queue"] = o.train_queue
-    elif o.train_target == "kubernetes":
-        kwargs["executor_config"] = {"pod_override": _gpu_pod(cfg)}
+    elif o.train_target == "kubernetes" and cfg.train.nnodes == 1:  # more nodes: the task starts a Job
+        from tasks.runners.kubernetes import gpu_pod
+
+        kwargs["executor_config"] = {"pod_override": gpu_pod(cfg)}
     return kwargs
-
-
-def _gpu_pod(cfg: Config) -> Any:
-    """A pod override requesting AMD GPUs on an MI300X node (KubernetesExecutor)."""
-    try:
-        from kubernetes.client import models as k8s
-    except ImportError:
-        raise UserError(
-            "orchestrate.train_target: kubernetes needs the kubernetes client: "
-            "pip install 'qa-lora[kubernetes]' (apache-airflow-providers-cncf-kubernetes)"
-        ) from None
-    k = cfg.orchestrate.kubernetes
-    gpus = {k.gpu_resource: str(k.gpus)}
-    return k8s.V1Pod(
-        metadata=k8s.V1ObjectMeta(namespace=k.namespace, labels={"app": "qa-lora", "stage": "train"}),
-        spec=k8s.V1PodSpec(
-            node_selector=dict(k.node_selector),
-            tolerations=[k8s.V1Toleration(**t) for t in k.tolerations],
-            containers=[
-                k8s.V1Container(
-                    name="base",  # the KubernetesExecutor's worker container
-                    image=k.image,
-                    resources=k8s.V1ResourceRequirements(limits=gpus, requests=gpus),
-                )
-            ],
-        ),
-    )
 
 
 def schedule_for(cfg: Config, dataset: Any) -> Any:
