@@ -266,10 +266,12 @@ def _client(cfg: Config, run_dir: Path) -> Any:
     """The Airflow provider's client inside a task where it has a transport; else lineage.transport's."""
     from openlineage.client import OpenLineageClient
 
-    if os.environ.get("AIRFLOW_CTX_DAG_ID") and os.environ.get("AIRFLOW__OPENLINEAGE__TRANSPORT"):
+    if os.environ.get("AIRFLOW_CTX_DAG_ID"):  # inside an Airflow task
+        from airflow.providers.openlineage import conf
         from airflow.providers.openlineage.plugins.adapter import OpenLineageAdapter
 
-        return OpenLineageAdapter().get_or_create_openlineage_client()
+        if conf.transport() and not conf.is_disabled():  # env or airflow.cfg [openlineage] transport
+            return OpenLineageAdapter().get_or_create_openlineage_client()
     transport: dict[str, Any] = {
         "file": {
             "type": "file",
