@@ -6,6 +6,7 @@ from __future__ import annotations
 import email
 import email.policy
 import json
+import logging
 import socket
 from email.message import EmailMessage
 
@@ -28,6 +29,9 @@ class MailSink:
         self._controller = None
 
     def start(self) -> MailSink:
+        # aiosmtpd logs every connection at INFO from its own thread, also after a test has ended and its
+        # captured stream is closed ("--- Logging error ---"): its warnings are enough here.
+        logging.getLogger("mail.log").setLevel(logging.WARNING)
         from aiosmtpd.controller import Controller
         from aiosmtpd.smtp import AuthResult
 
