@@ -21,10 +21,10 @@ from pathlib import Path
 
 import pytest
 from champion_fixture import build_champion
+from conftest import QA_LORA
 
 from tasks.core.config import load_config, save_config
 from tasks.core.layout import EFFECTIVE_PARAMS
-from tasks.runners.cli import main
 from tasks.stages.export.memory import export_disk_need
 
 pytestmark = pytest.mark.slow
@@ -62,11 +62,17 @@ def _fill(disk: Path, leave: int = 0) -> Path:
     return filler
 
 
-def _one_line_error(capsys) -> str:
+def _qa_lora(*args: str) -> subprocess.CompletedProcess:
+    """The command as a user runs it (its own process: its exit code and stderr are what they see)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([QA_LORA, *args], capture_output=True, text=True, env=env, timeout=900)
+
+
+def _one_line_error(done: subprocess.CompletedProcess) -> str:
     """The one error line a user reads at the end of stderr (the logs above it are the progress)."""
-    err = capsys.readouterr().err.strip()
+    err = done.stderr.strip()
     errors = [line for line in err.splitlines() if line.startswith("qa-lora: error: ")]
-    assert len(errors) == 1 and err.splitlines()[-1] == errors[0], err[-3000:]
+    assert done.returncode == 2 and len(errors) == 1 and err.splitlines()[-1] == errors[0], err[-3000:]
     assert "Traceback" not in err
     return errors[0]
 
@@ -80,7 +86,7 @@ def _champion_and_versions(uri: str) -> tuple[str, list[str]]:
 
 
 def test_a_full_disk_fails_export_and_register_in_one_line_and_loses_nothing(
-    tmp_path: Path, small_disk: Path, tiny_base: Path, capsys
+    tmp_path: Path, small_disk: Path, tiny_base: Path
 ) -> None:
     champion = build_champion(tmp_path / "champion", tiny_base, model_name=NAME)
     uri = champion["tracking_uri"]
@@ -114,15 +120,14 @@ def test_a_full_disk_fails_export_and_register_in_one_line_and_loses_nothing(
 
     filler_thread = threading.Thread(target=fill_when_writing, daemon=True)
     filler_thread.start()
-    assert main(["export", *args]) == 2
+    failed = _qa_lora("export", *args)
     filler_thread.join()
-    err = _one_line_error(capsys)
+    err = _one_line_error(failed)
     assert f"{run / 'export'}: no space for the export" in err and "needs about" in err and "MiB free" in err
     assert not (run / "export").exists() and not list(run.glob(".tmp-*"))  # nothing half-written
     assert _champion_and_versions(uri) == before
     (small_disk / "filler.bin").unlink()
-    assert main(["export", *args]) == 0  # the same command, once the space is back
-    capsys.readouterr()
+    assert _qa_lora("export", *args).returncode == 0  # the same command, once the space is back
 
     # Register: room for the files, not for the filesystem's overhead around them.
     tree = sum(
@@ -135,14 +140,13 @@ def test_a_full_disk_fails_export_and_register_in_one_line_and_loses_nothing(
     artifacts.mkdir()
     _fill(small_disk, leave=tree + 64 * 1024)
     used_before = shutil.disk_usage(small_disk).used
-    assert main(["register", *args]) == 2
-    err = _one_line_error(capsys)
+    err = _one_line_error(_qa_lora("register", *args))
     assert "no space for the registered artifacts" in err and str(artifacts) in err, err
     assert _champion_and_versions(uri) == before  # no version, the champion where it was
     assert shutil.disk_usage(small_disk).used <= used_before  # the partial upload was deleted
     assert not (run / "register").exists()
     (small_disk / "filler.bin").unlink()
-    assert main(["register", *args]) == 0
+    assert _qa_lora("register", *args).returncode == 0
     registration = json.loads((run / "register" / "registration.json").read_text())
     champion_now, versions = _champion_and_versions(uri)
     assert registration["version"] in versions and len(versions) == len(before[1]) + 1
