@@ -67,6 +67,16 @@ class QaLoraGateDatasetFacet(DatasetFacet):
 
 
 @attr.define
+class QaLoraRowsDatasetFacet(DatasetFacet):
+    """The Q&A file the version was validated from: rows read, kept, dropped (by check)."""
+
+    source: str = ""
+    rowsIn: int | None = None
+    rowsOut: int | None = None
+    droppedByCheck: dict[str, int] = attr.field(factory=dict)
+
+
+@attr.define
 class QaLoraRegistryDatasetFacet(DatasetFacet):
     """Where the version is in the registry and what it became (aliases, promotion)."""
 
@@ -208,7 +218,17 @@ def _dvc(cfg: Config, layout: RunLayout) -> dict[str, Any]:
     info = read_json(layout.version_file) if layout.version_file.is_file() else {}
     version = dataset_version_dataset.DatasetVersionDatasetFacet(datasetVersion=str(info.get("dataset_hash")))
     remote = redact_uri(str(info.get("remote") or cfg.data.dvc_remote))
-    return {"namespace": f"dvc+{remote}", "name": DATASET, "facets": {"version": version}}
+    facets: dict[str, Any] = {"version": version}
+    if layout.data_quality.is_file():  # the Q&A file's rows behind this version
+        report = read_json(layout.data_quality)
+        counts = report.get("counts") or {}
+        facets["qa_lora_rows"] = QaLoraRowsDatasetFacet(
+            source=redact_uri(str(report.get("source", ""))),
+            rowsIn=counts.get("rows_in"),
+            rowsOut=counts.get("rows_out"),
+            droppedByCheck=dict(counts.get("dropped_by_check") or {}),
+        )
+    return {"namespace": f"dvc+{remote}", "name": DATASET, "facets": facets}
 
 
 def _gate(layout: RunLayout) -> dict[str, Any]:

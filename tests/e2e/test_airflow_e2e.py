@@ -155,6 +155,9 @@ def test_lineage_chains_the_run_to_its_dataset_version_and_model_version(good_ru
 
     dataset_hash = json.loads((run / "version.json").read_text())["dataset_hash"]
     assert dvc(done["version"]["outputs"]) == dvc(done["train"]["inputs"]) == dataset_hash
+    (version,) = done["version"]["outputs"]  # the Q&A file behind it, with its row counts
+    quality = json.loads((run / "reports" / "data_quality.json").read_text())["counts"]
+    assert version["facets"]["qa_lora_rows"]["rowsOut"] == quality["rows_out"] > 0
     assert dvc(done["register"]["inputs"]) == dataset_hash
     (model,) = done["register"]["outputs"]
     registration = json.loads((run / "register" / "registration.json").read_text())

@@ -31,6 +31,11 @@ def _run_dir(root: Path) -> Path:
             "rules": [{"name": "beats_base:token_f1", "passed": True, "value": 0.1, "threshold": 0.0}],
             "metrics": {"candidate": {"token_f1": 0.31}}}  # fmt: skip
     (run / "eval" / "gate.json").write_text(json.dumps(gate))
+    (run / "reports").mkdir()
+    counts = {"rows_in": 2600, "rows_out": 2594, "dropped": 6, "dropped_by_check": {"duplicate": 6}}
+    (run / "reports" / "data_quality.json").write_text(
+        json.dumps({"source": "/data/qa.jsonl", "counts": counts})
+    )
     return run
 
 
@@ -57,6 +62,9 @@ def test_a_stage_is_a_start_and_a_complete_with_versioned_datasets(tmp_path: Pat
     dvc = next(d for d in done["inputs"] if d["name"] == "qa-dataset")
     assert dvc["facets"]["version"]["datasetVersion"] == "0123456789abcdef0123456789abcdef.dir"
     assert dvc["namespace"] == "dvc+s3://***@bucket/dvc"
+    rows = dvc["facets"]["qa_lora_rows"]  # the Q&A file behind the version, with its row counts
+    assert (rows["source"], rows["rowsIn"], rows["rowsOut"]) == ("/data/qa.jsonl", 2600, 2594)
+    assert rows["droppedByCheck"] == {"duplicate": 6}
     (model,) = done["outputs"]
     assert model["namespace"] == "mlflow+https://***@mlflow.example.com" and model["name"] == "qa-lora"
     assert model["facets"]["version"]["datasetVersion"] == "3"
