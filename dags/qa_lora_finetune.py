@@ -34,20 +34,7 @@ from tasks.runners.airflow import (
     schedule_for,
     trigger_params,
 )
-from tasks.runners.airflow_tasks import (
-    approval_required,
-    approve,
-    evaluate,
-    export,
-    gate,
-    prepare,
-    promote,
-    register,
-    retention,
-    train,
-    validate,
-    version,
-)
+from tasks.runners.airflow_tasks import evaluate, gate_to_retention, prepare, train, validate, version
 
 CFG = default_config()
 
@@ -74,19 +61,7 @@ CFG = default_config()
 )
 def qa_lora_finetune() -> None:
     run = prepare()
-    chain(
-        validate(run),
-        version(run),
-        train(run),
-        evaluate(run),
-        gate(run),
-        export(run),
-        register(run),
-        approval_required(run),
-        approve(),
-        promote(run),
-        retention(run),
-    )
+    chain(validate(run), version(run), train(run), evaluate(run), *gate_to_retention(run))
 
 
 qa_lora_finetune()

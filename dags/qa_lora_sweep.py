@@ -23,18 +23,7 @@ from datetime import timedelta
 from airflow.sdk import chain, dag, get_current_context, task
 
 from tasks.runners import airflow as runner
-from tasks.runners.airflow_tasks import (
-    TRAIN_ROUTING,
-    approval_required,
-    approve,
-    export,
-    gate,
-    promote,
-    register,
-    retention,
-    validate,
-    version,
-)
+from tasks.runners.airflow_tasks import TRAIN_ROUTING, gate_to_retention, validate, version
 
 CFG = runner.default_config()
 
@@ -85,16 +74,7 @@ def qa_lora_sweep() -> None:
     points = candidates(run)
     chain(validate(run), version(run), points)
     winner = pick_winner(run, evaluate.expand(candidate=train.expand(candidate=points)))
-    chain(
-        winner,
-        gate(run),
-        export(run),
-        register(run),
-        approval_required(run),
-        approve(),
-        promote(run),
-        retention(run),
-    )
+    chain(winner, *gate_to_retention(run))
 
 
 qa_lora_sweep()

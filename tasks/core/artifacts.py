@@ -7,6 +7,7 @@ later stage or the registry could pick up; the next attempt clears the leftover 
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import shutil
@@ -72,6 +73,15 @@ def write_text_atomic(path: Path, text: str) -> Path:
         Path(name).unlink(missing_ok=True)
         raise
     return path
+
+
+def sha256(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def read_json(path: Path) -> Any:

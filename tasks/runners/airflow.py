@@ -17,6 +17,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from tasks.core.artifacts import read_json
 from tasks.core.config import REPO_ROOT, Config, load_config
 from tasks.core.errors import StoreUnavailable, UserError
 from tasks.core.layout import GateFailed, RunLayout
@@ -385,9 +386,7 @@ def tell_approval_waiting(context: dict[str, Any]) -> None:
     """The approval task's notifier: a registered candidate waits for a person."""
     run_id = str(context.get("run_id"))
     layout = RunLayout.of(run_dir_for(run_id))
-    version = (
-        json.loads(layout.registration.read_text()).get("version") if layout.registration.is_file() else None
-    )
+    version = read_json(layout.registration).get("version") if layout.registration.is_file() else None
     reason = f"version {version} is registered as candidate: approve or reject its promotion to champion"
     facts = {"version": version, "report": str(layout.eval_report), "task": "approve_promotion"}
     _tell("approval", run_id, reason, facts, context)

@@ -84,6 +84,20 @@ def retention(run: dict) -> dict:
     return runner.retain(run)
 
 
+def gate_to_retention(run: dict) -> list:
+    """gate -> export -> register -> [approval] -> promote -> retention, in order: what follows an evaluated
+    candidate, the same in both DAGs (each `chain`s it after its own evaluation)."""
+    return [
+        gate(run),
+        export(run),
+        register(run),
+        approval_required(run),
+        approve(),
+        promote(run),
+        retention(run),
+    ]
+
+
 class ApprovalWaiting(BaseNotifier):
     """The approval task's notifier: tells orchestrate.notify that a candidate waits for a person."""
 

@@ -23,7 +23,6 @@ redacted; an event that cannot be sent is logged and never fails the stage.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import uuid
@@ -43,7 +42,7 @@ from openlineage.client.facet_v2 import (
     parent_run,
 )
 
-from tasks.core.artifacts import read_json
+from tasks.core.artifacts import read_json, sha256
 from tasks.core.config import Config
 from tasks.core.layout import RunLayout
 from tasks.core.redact import redact, redact_uri
@@ -187,7 +186,8 @@ def datasets(cfg: Config, stage: str, run_dir: Path, result: dict[str, Any]) -> 
     layout = RunLayout.of(run_dir)
     split = _file(layout.data_dir, rows=result.get("rows_out"))
     base = {"namespace": "huggingface" if cfg.base.kind == "hub" else "file", "name": cfg.base.name_or_path}
-    adapter = _file(layout.adapter_dir, version=_sha256(layout.adapter_dir / "adapter_model.safetensors"))
+    weights = layout.adapter_dir / "adapter_model.safetensors"
+    adapter = _file(layout.adapter_dir, version=sha256(weights) if weights.is_file() else None)
     onnx = _file(layout.onnx_dir)
     table = {
         "validate": ([_file(Path(cfg.resolve(cfg.data.source)))], [split]),
@@ -260,16 +260,6 @@ def _model_version(cfg: Config, layout: RunLayout, result: dict[str, Any]) -> di
     }  # fmt: skip
     namespace = f"mlflow+{redact_uri(str(result.get('tracking_uri') or cfg.register.tracking_uri))}"
     return {"namespace": namespace, "name": cfg.register.model_name, "facets": facets}
-
-
-def _sha256(path: Path) -> str | None:
-    if not path.is_file():
-        return None
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _emit(cfg: Config, run_dir: Path, event: RunEvent) -> None:

@@ -7,13 +7,12 @@ The DAG's run_dir is `runs/<dag run id>`, so an Airflow retry maps to the same v
 
 from __future__ import annotations
 
-import hashlib
 import re
 import subprocess
 from pathlib import Path
 from typing import Any
 
-from tasks.core.artifacts import read_json
+from tasks.core.artifacts import read_json, sha256
 from tasks.core.config import REPO_ROOT, Config
 from tasks.core.errors import UserError
 from tasks.core.layout import RunLayout
@@ -115,15 +114,6 @@ def serving_figures(layout: RunLayout) -> dict[str, float]:
         for key, value in candidate.items()
         if isinstance(value, int | float) and not isinstance(value, bool)
     }
-
-
-def sha256(path: Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def git_state() -> tuple[str, str]:
