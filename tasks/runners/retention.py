@@ -89,17 +89,18 @@ def plan(cfg: Config, run_dir: Path) -> tuple[list[dict[str, str]], list[tuple[P
     protected = _protected(cfg, run_dir)
     kept: list[dict[str, str]] = []
     candidates: list[tuple[Path, int]] = []
+    used = 0  # bytes of the runs kept so far
     busy_since = time.time() - cfg.runtime.busy_hours * 3600
     for path in runs:
         size, newest = _walk(path)
         reason = protected.get(path) or ("in progress" if newest >= busy_since else None)
         if reason:
             kept.append({"run_dir": str(path), "reason": reason})
+            used += size
         else:
             candidates.append((path, size))
     n = cfg.runtime.keep_runs - len(kept) if cfg.runtime.keep_runs is not None else len(candidates)
     budget = cfg.runtime.keep_gb * GB if cfg.runtime.keep_gb is not None else float("inf")
-    used = sum(_walk(Path(k["run_dir"]))[0] for k in kept)
     doomed = [(p, _walk(p)[0]) for p in run_dir.parent.glob(".deleting-*")]  # an interrupted delete
     for i, (path, size) in enumerate(candidates):
         if i < n and used + size <= budget:
