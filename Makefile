@@ -21,8 +21,9 @@ $(STAMP): pyproject.toml constraints.txt
 	# torch first and pinned: an unpinned torch pulls a multi-GB CUDA build (see README on ROCm nodes)
 	$(BIN)/python -m pip install --quiet -c constraints.txt torch
 	# cpu: the CPU ONNX Runtime (exactly one runtime extra per venv); s3, celery, kubernetes: what the
-	# tests run for real (a loopback S3 server, CeleryExecutor on PostgreSQL + Redis, the pod models)
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev,cpu,s3,celery,kubernetes,slack]'
+	# tests run for real (a loopback S3 server, CeleryExecutor on PostgreSQL + Redis, the pod models);
+	# harness: lm-evaluation-harness, which the default gate runs (eval.harness_tasks)
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev,cpu,s3,celery,kubernetes,slack,harness]'
 	touch $(STAMP)
 
 setup: $(STAMP)

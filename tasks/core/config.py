@@ -17,9 +17,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from tasks.core.errors import UserError
+from tasks.core.ops_config import LineageConfig, OrchestrateConfig, Section
 from tasks.core.overrides import apply_overrides, read_params
 from tasks.core.redact import redact
 
@@ -45,11 +46,7 @@ DEFAULT_PARAMS = REPO_ROOT / "params.yaml"
 Policy = Literal["error", "drop"]
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
-
-
-class DataPolicies(_Section):
+class DataPolicies(Section):
     """What each validation check does with an offending row: `error` stops, `drop` removes it."""
 
     blank: Policy = "drop"
@@ -60,7 +57,7 @@ class DataPolicies(_Section):
     missing_eos: Policy = "error"
 
 
-class DataConfig(_Section):
+class DataConfig(Section):
     source: str = Field(
         "data/qa.jsonl",
         min_length=1,
@@ -85,7 +82,7 @@ class DataConfig(_Section):
     )
 
 
-class TinyBaseConfig(_Section):
+class TinyBaseConfig(Section):
     """Recipe for the embedded tiny Llama (built by `qa-lora base`)."""
 
     vocab_size: int = Field(4096, ge=256, le=65536)
@@ -102,7 +99,7 @@ class TinyBaseConfig(_Section):
     seed: int = 1234
 
 
-class BaseConfig(_Section):
+class BaseConfig(Section):
     name_or_path: str = Field(
         "models/tiny-base",
         min_length=1,
@@ -120,7 +117,7 @@ class BaseConfig(_Section):
     tiny: TinyBaseConfig = TinyBaseConfig()
 
 
-class PromptConfig(_Section):
+class PromptConfig(Section):
     """How rows become text: the base tokenizer's own chat template, or a built-in one by name."""
 
     template: Literal["auto", "llama2", "llama3", "chatml", "mistral"] = Field(
@@ -130,7 +127,7 @@ class PromptConfig(_Section):
     )
 
 
-class LoraSection(_Section):
+class LoraSection(Section):
     r: int = Field(32, gt=0, le=1024, title="Rank r")
     alpha: int = Field(32, gt=0, title="Alpha", description="scale = alpha / r")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, title="Dropout")
@@ -149,7 +146,7 @@ class LoraSection(_Section):
         return (value,) if isinstance(value, str) else value
 
 
-class TrainConfig(_Section):
+class TrainConfig(Section):
     num_train_epochs: float = Field(8.0, gt=0.0, title="Epochs")
     max_steps: int = Field(
         -1,
@@ -200,7 +197,7 @@ class TrainConfig(_Section):
 RowMetric = Literal["exact_match", "token_f1", "rouge_l"]
 
 
-class EvalConfig(_Section):
+class EvalConfig(Section):
     max_rows: int = Field(200, ge=1)
     max_new_tokens: int = Field(64, ge=1)
     batch_size: int = Field(32, ge=1)
@@ -214,9 +211,13 @@ class EvalConfig(_Section):
     general_source: str | None = None
     general_max_docs: int = Field(64, ge=1)
     general_max_tokens: int = Field(256, ge=8)
+    # lm-evaluation-harness tasks run on base and candidate (the [harness] extra; plumbing/harness.py):
+    # harness task names, paths to task YAMLs, or qa_lora_mc (multiple choice built from the eval rows)
+    harness_tasks: tuple[str, ...] = ("qa_lora_mc",)
+    harness_limit: int | None = Field(None, ge=1)  # documents per task; None: all
 
 
-class GateConfig(_Section):
+class GateConfig(Section):
     primary_metric: RowMetric = "token_f1"
     min_improvement: float = Field(
         0.0,
@@ -241,6 +242,9 @@ class GateConfig(_Section):
     # the candidate's perplexity on held-out general text over the base's, minus 1 (stages/evaluate/general.py);
     # None: no forgetting rule
     max_general_ppl_increase: float | None = Field(0.25, ge=0.0)
+    # the largest drop of a harness task's headline metric, candidate vs base (stages/evaluate/harness.py);
+    # None: the tasks are reported, not gated
+    max_harness_regression: float | None = Field(0.05, ge=0.0, le=1.0)
     # serving cost vs the champion, measured side by side at export (stages/export/serving_gate.py)
     max_latency_regression: float = Field(0.5, ge=0.0)  # champion / candidate tokens/s - 1, batch 1
     max_size_regression: float = Field(0.1, ge=0.0)  # candidate / champion export bytes - 1
@@ -251,7 +255,7 @@ class GateConfig(_Section):
     )
 
 
-class ExportConfig(_Section):
+class ExportConfig(Section):
     opset: int = Field(18, ge=14)
     logits_atol: float = Field(1e-4, gt=0.0)
     parity_prompts: int = Field(8, ge=1)
@@ -270,7 +274,7 @@ class ExportConfig(_Section):
     license: str | None = None
 
 
-class RegisterConfig(_Section):
+class RegisterConfig(Section):
     tracking_uri: str = "sqlite:///mlflow.db"
     # Artifacts of a database store: None = mlartifacts/ beside a SQLite file; s3://bucket/prefix (the
     # credentials come from AWS_* variables, never from here). A tracking server decides for itself.
@@ -298,7 +302,7 @@ class RegisterConfig(_Section):
         return value
 
 
-class RuntimeConfig(_Section):
+class RuntimeConfig(Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"  # "cuda" also addresses ROCm GPUs
     run_dir: str = "runs/local"
     num_threads: int = Field(0, ge=0)  # 0: let torch decide
@@ -308,65 +312,11 @@ class RuntimeConfig(_Section):
     busy_hours: float = Field(24.0, gt=0.0)  # retention: a run written to this recently is in progress
 
 
-# The train task's pod, or pods for train.nnodes > 1 (the [kubernetes] extra; tasks/runners/kubernetes.py).
-class KubernetesConfig(_Section):
-    namespace: str = "ml"
-    image: str = "rocm/pytorch:latest"
-    gpu_resource: str = "amd.com/gpu"  # the AMD device plugin's resource name
-    gpus: int = Field(1, ge=1, le=16)
-    node_selector: dict[str, str] = {"amd.com/gpu.product-name": "AMD_Instinct_MI300X_OAM"}
-    tolerations: tuple[dict[str, str], ...] = (
-        {"key": "amd.com/gpu", "operator": "Exists", "effect": "NoSchedule"},
-    )
-    conn_id: str = "kubernetes_default"  # train.nnodes > 1: the Airflow connection to the cluster
-    runs_claim: str = "qa-lora-runs"  # the PVC mounted at the runs root in every pod (shared run dirs)
-    rdzv_port: int = Field(29400, ge=1, le=65535)
-
-
-NOTIFY_EVENTS = ("failed", "refused", "champion", "approval")
-
-
-class NotifyConfig(_Section):  # who hears of a run besides the log and notifications.jsonl (notifiers)
-    events: tuple[Literal[NOTIFY_EVENTS], ...] = NOTIFY_EVENTS  # type: ignore[valid-type]
-    email_to: tuple[str, ...] = ()  # empty: no email
-    email_from: str = "qa-lora@localhost"
-    smtp_conn_id: str = "smtp_default"  # the Airflow connection holds the server and its credentials
-    slack_webhook_conn_id: str | None = None  # needs the [slack] extra
-
-
-class OrchestrateConfig(_Section):
-    """How Airflow runs the pipeline: schedule, where the train task goes, retries, timeouts."""
-
-    schedule: str | None = "0 3 * * 1"  # cron; null: only manual and data-triggered runs
-    trigger_on_dataset: bool = True  # also run when a producer updates the Q&A dataset Asset
-    train_target: Literal["local", "celery", "kubernetes"] = "local"
-    train_queue: str = "mi300x"  # Celery queue served by `airflow celery worker -q mi300x` on the GPU node
-    train_pool: str | None = None  # e.g. "mi300x" with one slot per GPU node; must exist (airflow pools set)
-    train_retries: int = Field(2, ge=0, le=10)
-    retry_delay_minutes: float = Field(1.0, gt=0.0)
-    train_timeout_minutes: float = Field(360.0, gt=0.0)
-    stage_timeout_minutes: float = Field(60.0, gt=0.0)
-    kubernetes: KubernetesConfig = KubernetesConfig()
-    notify: NotifyConfig = NotifyConfig()
-
-
-class LineageConfig(_Section):  # OpenLineage events from every stage (tasks/runners/lineage.py)
-    namespace: str = "qa-lora"
-    transport: Literal["file", "console", "http", "openlineage", "none"] = "file"
-    url: str | None = None  # transport http: Marquez or DataHub (an API key from OPENLINEAGE_API_KEY)
-
-    @model_validator(mode="after")
-    def _url_for_http(self) -> LineageConfig:
-        if self.transport == "http" and not self.url:
-            raise ValueError("lineage.transport http needs lineage.url (e.g. http://marquez:5000)")
-        return self
-
-
 # `register` is a stage name; pydantic warns that it shadows ABCMeta.register, which nobody calls here.
 warnings.filterwarnings("ignore", message='Field name "register"', category=UserWarning)
 
 
-class Config(_Section):
+class Config(Section):
     data: DataConfig = DataConfig()
     base: BaseConfig = BaseConfig()
     prompt: PromptConfig = PromptConfig()

@@ -182,6 +182,7 @@ RULE_PURPOSES = {
     "max_empty_rate": "The model answers at all: empty answers can hide behind averaged metrics.",
     "max_top_answer_share": "Answers fit their questions: one answer for many questions (collapse) can beat a weak base.",
     "max_general_ppl_increase": "Fine-tuning did not cost the base its general language ability (forgetting).",
+    "max_harness_regression": "The skills the base had on standard tasks (lm-evaluation-harness) are still there.",
     "serving": "Serving the model does not get slower or larger than the champion by more than the margins.",
 }
 

@@ -7,12 +7,14 @@ declares as `metrics` is `<run>/metrics/<stage>.json`, written here after the st
 numbers a person compares between runs, with short keys that are unique across stages (DVC prefixes a
 key with its file path when two files share it) and rounded to 4 significant digits.
 
-    data.json    (validate)  rows_in, rows_out, dropped
+    data.json    (validate)  rows_in, rows_out (the rows dropped are the difference)
     train.json   (train)     loss (last logged train loss), eval_loss, tok_s (tokens/s), steps
     eval.json    (evaluate)  <primary metric> of the candidate (e.g. token_f1), base, champ (the same
-                             metric of the base model and the registered champion), ci_low, ci_high (CI of
-                             candidate - base), gate (1 passed, 0 failed), unique (share of distinct
-                             candidate answers, when evaluate reports it)
+                             metric of the base model and the registered champion), ci_low (the lower CI
+                             bound of candidate - base, what the gate reads), gate (1 passed, 0 failed), unique (share of distinct
+                             candidate answers, when evaluate reports it), forget (the forgetting rule:
+                             general-text perplexity over the base's, minus 1), harness (the largest drop
+                             of an lm-evaluation-harness task's metric, base - candidate), when they ran
     export.json  (export)    parity (max |logit diff| ONNX vs PyTorch as a share of export.logits_atol:
                              <= 1 passes), size_mb (ONNX graph), p50_ms (per request as served, batch 1)
 
@@ -69,7 +71,7 @@ def _get(obj: Any, *keys: str) -> Any:
 
 def _data(layout: RunLayout) -> dict[str, Any]:
     counts = _get(read_json(layout.data_quality), "counts") or {}
-    return {k: _num(counts.get(k)) for k in ("rows_in", "rows_out", "dropped")}
+    return {k: _num(counts.get(k)) for k in ("rows_in", "rows_out")}  # dropped: the difference
 
 
 def _train(layout: RunLayout) -> dict[str, Any]:
@@ -96,7 +98,6 @@ def _evaluate(layout: RunLayout) -> dict[str, Any]:
         "base": _num(base.get(primary), 3),
         "champ": _num(champion.get(primary), 3),
         "ci_low": _num(ci.get("low"), 3),
-        "ci_high": _num(ci.get("high"), 3),
         "gate": int(bool(gate["passed"])),
         "unique": _num(unique, 3),
         # the forgetting rule: candidate perplexity on held-out general text over the base's, minus 1
@@ -104,6 +105,11 @@ def _evaluate(layout: RunLayout) -> dict[str, Any]:
             next(
                 (r["value"] for r in gate.get("rules", []) if r["name"] == "max_general_ppl_increase"), None
             ),
+            3,
+        ),
+        # lm-evaluation-harness: the largest drop of a task's headline metric, base minus candidate
+        "harness": _num(
+            next((r["value"] for r in gate.get("rules", []) if r["name"] == "max_harness_regression"), None),
             3,
         ),
     }

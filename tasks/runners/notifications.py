@@ -19,8 +19,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from tasks.core.config import NotifyConfig
 from tasks.core.errors import UserError
+from tasks.core.ops_config import NotifyConfig
 from tasks.core.redact import redact
 
 log = logging.getLogger(__name__)

@@ -27,12 +27,12 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 WIDTH = 200
 ALL_STAGES = {"base", "plots_template", "validate", "version", "train", "evaluate", "export", "register"}
 METRICS = {
-    "runs/dvc/metrics/data.json": {"rows_in", "rows_out", "dropped"},
+    "runs/dvc/metrics/data.json": {"rows_in", "rows_out"},
     "runs/dvc/metrics/train.json": {"loss", "eval_loss", "tok_s", "steps"},
-    "runs/dvc/metrics/eval.json": {"token_f1", "base", "ci_low", "ci_high", "gate"},
+    "runs/dvc/metrics/eval.json": {"token_f1", "base", "ci_low", "gate"},
     "runs/dvc/metrics/export.json": {"parity", "size_mb"},
 }
-OPTIONAL = {"champ", "unique", "p50_ms"}  # reported when the run has them (a champion, a latency...)
+OPTIONAL = {"champ", "unique", "p50_ms", "harness", "forget"}  # reported when the run has them (a champion, a latency...)
 # The README's comparison table: key params and the experiment's metrics (data counts and the champion
 # are the same for every experiment of a sweep).
 EXP_SHOW = [

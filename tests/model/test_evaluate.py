@@ -124,12 +124,18 @@ def adapters(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[
     good = _train(tmp, tiny_base, "good", train_rows, eval_rows)
     # Sabotage: a learning rate of ~0 leaves the adapter's B matrices at their zero init.
     untrained = _train(tmp, tiny_base, "untrained", train_rows, eval_rows, max_steps=2, learning_rate=1e-12)
+    # Sabotage for the harness rule: each category taught the other's answer, so the multiple-choice task
+    # built from the eval questions (their answer among the others) now picks the wrong one.
+    swap = {a: b for a, b in zip(ANSWERS.values(), reversed(ANSWERS.values()), strict=True)}
+    swapped_rows = [{**r, "answer": swap[r["answer"]]} for r in train_rows]
+    swapped = _train(tmp, tiny_base, "swapped", swapped_rows, eval_rows)
     return {
         "base": tiny_base,
         "registry": f"sqlite:///{tmp / 'mlflow.db'}",  # no model registered: no champion
         "eval_rows": eval_rows,
         "good": good,
         "untrained": untrained,
+        "swapped": swapped,
     }
 
 
@@ -170,6 +176,12 @@ def test_good_candidate_passes_and_writes_every_artifact(adapters: dict[str, Any
         "## Sample generations",
     ):
         assert section in report
+    # lm-evaluation-harness (eval.harness_tasks' default, qa_lora_mc): the candidate picks its answers
+    harness = next(r for r in gate["rules"] if r["name"] == "max_harness_regression")
+    mc = harness["tasks"]["qa_lora_mc"]
+    assert harness["passed"] and mc["candidate"] > mc["base"] and harness["value"] == -mc["change"]
+    assert metrics["harness"]["qa_lora_mc"]["candidate"] == pytest.approx(mc["candidate"])
+    assert "## lm-evaluation-harness tasks" in report and "| qa_lora_mc | acc_norm |" in report
     preds = [json.loads(line) for line in (eval_dir / "predictions.jsonl").read_text().splitlines()]
     assert len(preds) == len(adapters["eval_rows"]) and {"base", "candidate"} <= set(preds[0])
     assert (eval_dir / "plots" / "models.csv").read_text().startswith("model,")
@@ -224,6 +236,32 @@ def test_a_candidate_that_forgets_fails_the_forgetting_rule_while_beating_the_ba
     rules = {r["name"]: r for r in json.loads((untouched / "eval" / "gate.json").read_text())["rules"]}
     assert rules["max_general_ppl_increase"]["passed"]
     assert abs(rules["max_general_ppl_increase"]["value"]) < 0.01
+
+
+@pytest.mark.slow
+def test_a_candidate_that_loses_a_harness_skill_fails_the_harness_rule(
+    adapters: dict[str, Any], tmp_path: Path
+) -> None:
+    """Taught the wrong answers, the candidate now prefers them in the multiple-choice task the harness
+    runs: its accuracy falls below the base's by more than gate.max_harness_regression. The untrained
+    adapter is the base's own model: the rule reads exactly zero."""
+    cfg = _cfg(tmp_path, adapters)
+    run_dir = _run_dir(tmp_path, "swapped", adapters["eval_rows"], adapters["swapped"])
+    result = evaluate_candidate(cfg, run_dir)
+    assert not result["passed"] and any(r.startswith("max_harness_regression") for r in result["reasons"])
+    rule = next(
+        r
+        for r in json.loads((run_dir / "eval" / "gate.json").read_text())["rules"]
+        if r["name"] == "max_harness_regression"
+    )
+    mc = rule["tasks"]["qa_lora_mc"]
+    assert mc["base"] - mc["candidate"] > cfg.gate.max_harness_regression == rule["threshold"]
+    assert f"qa_lora_mc acc_norm: candidate {mc['candidate']:.3f}" in rule["detail"]
+    untouched = _run_dir(tmp_path, "untouched", adapters["eval_rows"], adapters["untrained"])
+    evaluate_candidate(cfg, untouched)
+    gate = json.loads((untouched / "eval" / "gate.json").read_text())
+    same = next(r for r in gate["rules"] if r["name"] == "max_harness_regression")
+    assert same["passed"] and same["value"] == 0.0
 
 
 def test_missing_or_malformed_inputs_are_user_errors(tmp_path: Path) -> None:

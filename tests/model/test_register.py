@@ -22,6 +22,7 @@ from champion_fixture import stand_in_chat_format
 
 from tasks.core.config import Config, load_config, save_config
 from tasks.core.errors import UserError
+from tasks.stages.evaluate.harness import harness_rule
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +116,12 @@ def make_run(
         "decision": "pass" if passed else "fail",
         "primary_metric": "token_f1",
         "rules": [
-            {"name": "improves_on_base", "passed": passed, "value": 0.1, "threshold": 0.0, "detail": ""}
+            {"name": "improves_on_base", "passed": passed, "value": 0.1, "threshold": 0.0, "detail": ""},
+            harness_rule(
+                {"qa_lora_mc": {"metric": "acc_norm", "value": 0.38, "stderr": 0.03}},
+                {"qa_lora_mc": {"metric": "acc_norm", "value": 0.275, "stderr": 0.03}},
+                0.05,
+            ),
         ],
         "reasons": [] if passed else ["token_f1 lower CI bound -0.02 <= 0.0"],
         "champion_version": champion_version,
@@ -165,6 +171,11 @@ def test_register_is_idempotent_and_records_lineage(cfg_for: Any, tmp_path: Path
     assert tags["qa_lora.gate.decision"] == "pass"
     assert len(tags["qa_lora.git_commit"]) in (40, 7) or tags["qa_lora.git_commit"] == "unknown"
     assert float(tags["qa_lora.metric.token_f1"]) == 0.5 and float(tags["qa_lora.metric.rouge_l"]) == 0.4
+    # the lm-evaluation-harness task's figures reach the version and its MLflow run
+    assert float(tags["qa_lora.metric.harness_qa_lora_mc_acc_norm"]) == 0.38
+    logged = _client().get_run(first["mlflow_run_id"]).data.metrics
+    assert logged["harness_qa_lora_mc_acc_norm"] == 0.38
+    assert logged["harness_qa_lora_mc_acc_norm_change"] == pytest.approx(0.105)
 
 
 def test_failed_or_missing_gate_registers_nothing(cfg_for: Any, tmp_path: Path) -> None:

@@ -52,6 +52,10 @@ def run(tmp_path: Path) -> Path:
             "decision": "pass",
             "primary_metric": "token_f1",
             "reasons": [],
+            "rules": [
+                {"name": "max_general_ppl_increase", "value": 0.0687654},
+                {"name": "max_harness_regression", "value": -0.1051234},
+            ],
             "metrics": {"champion": {**model, "token_f1": 0.25}},
             "ci": {"vs_base": {"token_f1": {"mean": 0.2, "low": 0.1523456, "high": 0.25}}},
         },
@@ -69,16 +73,17 @@ def run(tmp_path: Path) -> Path:
 
 
 def test_each_stage_gives_a_few_flat_numbers(run: Path) -> None:
-    assert flat_metrics("validate", run) == {"rows_in": 120, "rows_out": 110, "dropped": 10}
+    assert flat_metrics("validate", run) == {"rows_in": 120, "rows_out": 110}
     assert flat_metrics("train", run) == {"loss": 1.235, "eval_loss": 2.346, "tok_s": 3452, "steps": 30}
     assert flat_metrics("evaluate", run) == {
         "token_f1": 0.3,
         "base": 0.1,
         "champ": 0.25,
         "ci_low": 0.152,
-        "ci_high": 0.25,
         "gate": 1,
         "unique": 0.75,
+        "forget": 0.0688,
+        "harness": -0.105,
     }
     assert flat_metrics("export", run) == {"parity": 0.031, "size_mb": 12.3, "p50_ms": 12.3}
 
@@ -126,7 +131,7 @@ def test_a_broken_result_file_is_one_line_naming_it(run: Path) -> None:
 
 
 def test_dvc_metrics_show_fits_200_columns_in_the_worst_case(run: Path) -> None:
-    """Every key present (champ, unique, latency) and wide values, rendered by DVC's own table code."""
+    """Every key present (champ, unique, forget, harness, latency) and wide values, rendered by DVC's own table code."""
     import contextlib
     import io
 

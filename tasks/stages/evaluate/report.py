@@ -12,6 +12,7 @@ from typing import Any
 
 from tasks.core.config import Config
 from tasks.core.layout import rule_purpose
+from tasks.stages.evaluate.harness import RULE as HARNESS_RULE
 from tasks.stages.evaluate.records import MODELS, TABLE_COLUMNS, Evaluation, gated_metrics
 
 Lines = list[str]
@@ -30,6 +31,7 @@ def render_report(cfg: Config, ev: Evaluation, slices: Sequence[Mapping[str, Any
     lines += _models_section(ev, models)
     lines += _bootstrap_section(cfg, ev)
     lines += _rules_section(ev)
+    lines += _harness_section(ev)
     lines += _slices_section(cfg, slices, models)
     lines += _regressions_section(cfg, ev)
     lines += _samples_section(ev, models)
@@ -115,6 +117,27 @@ def _rules_section(ev: Evaluation) -> Lines:
             f"| `{r['name']}` | {rule_purpose(r['name'])} | {'yes' if r['passed'] else '**NO**'} | "
             f"{_fmt(r['value'])} | {_fmt(r['threshold'])} | {_md_escape(r['detail'], 400)} |"
         )
+    return lines
+
+
+def _harness_section(ev: Evaluation) -> Lines:
+    """lm-evaluation-harness: per task, base and candidate on its headline metric (± the harness's stderr)."""
+    tasks = next((r["tasks"] for r in ev.gate["rules"] if r["name"] == HARNESS_RULE), None)
+    if not tasks:
+        return []
+    lines = [
+        "",
+        "## lm-evaluation-harness tasks",
+        "",
+        "| task | metric | base | candidate | change |",
+        "|---|---|---|---|---|",
+    ]
+    for name, t in sorted(tasks.items()):
+        base, cand = (
+            f"{t[k]:.3f}" + (f" ± {t[k + '_stderr']:.3f}" if t.get(k + "_stderr") is not None else "")
+            for k in ("base", "candidate")
+        )
+        lines.append(f"| {name} | {t['metric']} | {base} | {cand} | {t['change']:+.3f} |")
     return lines
 
 

@@ -1,4 +1,5 @@
-"""Scoring one model on the eval rows: load it, teacher-forced answer loss, greedy answers, per-row scores.
+"""Scoring one model on the eval rows: load it, teacher-forced answer loss, greedy answers, per-row scores,
+its loss on general text and its lm-evaluation-harness tasks (while it is loaded).
 
 No caching here (the stage decides what to reuse, see `stage._reuse_or_score`) and no gate: this module
 turns (model, rows) into one result dict per row, in the rows' order.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -16,6 +18,7 @@ from typing import Any
 
 from tasks.core.config import Config
 from tasks.plumbing.chat import ChatFormat, chat_format
+from tasks.plumbing.harness import harness_scores
 from tasks.plumbing.loading import hub_kwargs, load_tokenizer
 from tasks.stages.evaluate.metrics import score_row
 
@@ -68,23 +71,38 @@ def plan_eval_device(cfg: Config, trained: Mapping[str, Any] | None = None) -> t
     return plan.device, {"bf16": "bfloat16", "fp16": "float16"}.get(plan.precision, "float32")
 
 
+@dataclass(frozen=True)
+class Scored:
+    """What scoring one model produced.
+
+    Attributes:
+        results: one dict per row (id, category, prediction, the answer metrics, EOS/empty flags, token
+            and word counts, the answer tokens' summed NLL).
+        timings: {"<role>_load_s", "<role>_loss_s", "<role>_generate_s", "<role>_harness_s"}.
+        documents: per general document (summed NLL, tokens).
+        harness: per harness task, `plumbing.harness.harness_scores`' result ({} when not run).
+    """
+
+    results: list[dict[str, Any]]
+    timings: dict[str, float]
+    documents: list[tuple[float, int]]
+    harness: dict[str, dict[str, Any]]
+
+
 def score_model(
     cfg: Config,
     spec: ModelSpec,
     rows: Sequence[Mapping[str, str]],
     on: tuple[str, str],
     documents: Sequence[str] = (),
-) -> tuple[list[dict[str, Any]], dict[str, float], list[tuple[float, int]]]:
-    """Per-row results of one model on `rows`, the seconds each step took, its losses on `documents`.
+    harness: bool = False,
+) -> Scored:
+    """Score one model on `rows` (and on `documents`, and the harness tasks when `harness`).
 
     Args:
         on: (device, torch dtype name).
         documents: general texts for the forgetting rule (general.py); none: not scored.
-
-    Returns:
-        (results, timings, document losses): one dict per row (id, category, prediction, the answer
-        metrics, EOS/empty flags, token and word counts, the answer tokens' summed NLL), {"<role>_load_s",
-        "<role>_loss_s", "<role>_generate_s"}, and per document (summed NLL, tokens).
+        harness: run `eval.harness_tasks` on the loaded model (harness.py's rule).
     """
     device, dtype = on
     e = cfg.eval
@@ -97,23 +115,31 @@ def score_model(
     generations = generate(model, chat, rows, e.batch_size, e.max_new_tokens, device)
     t3 = time.perf_counter()
     docs = document_losses(model, chat.tokenizer, documents, e.batch_size, e.general_max_tokens, device)
+    t4 = time.perf_counter()
+    tasks: dict[str, dict[str, Any]] = {}
+    if harness:
+        with tempfile.TemporaryDirectory(prefix="qa-lora-harness-") as scratch:
+            tasks = harness_scores(model, tokenizer, cfg, rows, Path(scratch))
+    t5 = time.perf_counter()
     del model
     gc.collect()
     out = [_row_result(row, loss, gen) for row, loss, gen in zip(rows, losses, generations, strict=True)]
     log.info(
-        "%s: scored %d rows (load %.1fs, loss %.1fs, generate %.1fs)",
+        "%s: scored %d rows (load %.1fs, loss %.1fs, generate %.1fs, harness %.1fs)",
         spec.role,
         len(out),
         t1 - t0,
         t2 - t1,
         t3 - t2,
+        t5 - t4,
     )
     timings = {
         f"{spec.role}_load_s": round(t1 - t0, 2),
         f"{spec.role}_loss_s": round(t2 - t1, 2),
         f"{spec.role}_generate_s": round(t3 - t2, 2),
+        f"{spec.role}_harness_s": round(t5 - t4, 2),
     }
-    return out, timings, docs
+    return Scored(out, timings, docs, tasks)
 
 
 def document_losses(

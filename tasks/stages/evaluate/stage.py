@@ -34,14 +34,16 @@ from tasks.core.layout import RunLayout
 from tasks.core.reuse import fingerprint, reusable
 from tasks.plumbing.chat import ChatFormat, chat_format, check_same_format
 from tasks.plumbing.general_text import general_documents, texts_digest
+from tasks.plumbing.harness import harness_settings
 from tasks.plumbing.loading import load_tokenizer, resolve_base
 from tasks.plumbing.registry import fetched_champion
 from tasks.plumbing.splits import eval_sample
 from tasks.stages.evaluate.general import forgetting_rule
+from tasks.stages.evaluate.harness import harness_rule
 from tasks.stages.evaluate.metrics import aggregate, decide_gate
 from tasks.stages.evaluate.outputs import model_cis, write_outputs
 from tasks.stages.evaluate.records import MODELS, Evaluation, finite
-from tasks.stages.evaluate.scoring import ModelSpec, plan_eval_device, score_model
+from tasks.stages.evaluate.scoring import ModelSpec, Scored, plan_eval_device, score_model
 
 log = logging.getLogger("qa_lora.evaluate")
 
@@ -49,7 +51,8 @@ log = logging.getLogger("qa_lora.evaluate")
 # ignored. 2: the one tokenizer loader and its pad rule; entries keyed by tasks.core.reuse.fingerprint.
 # 3: prompts rendered by the chat template, generation stops at its end-of-turn token.
 # 4: entries hold the general-text losses of the forgetting rule beside the rows.
-CACHE_VERSION = "4"
+# 5: and the lm-evaluation-harness results (base and candidate).
+CACHE_VERSION = "5"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".json", ".model", ".txt", ".jinja")
 
 
@@ -152,6 +155,7 @@ def _evaluate(
 ) -> dict[str, Any]:
     """Score the models, apply the gate, write eval/; the stage's result."""
     general = general_documents(cfg)  # a hub base without general text fails here, before any scoring
+    harness = harness_settings(cfg)  # so does a harness task list without the harness installed
     chat = chat_format(cfg, load_tokenizer(cfg))
     check_same_format(
         layout.adapter_dir, chat
@@ -160,16 +164,22 @@ def _evaluate(
     timings: dict[str, float] = {}
     cache_state: dict[str, str] = {}
     results: dict[str, list[dict[str, Any]] | None] = dict.fromkeys(MODELS)
-    documents: dict[str, list[list[float]]] = {}
+    scored: dict[str, Scored] = {}
     device, dtype = plan_eval_device(cfg, _train_summary(layout))
     log.info("scoring on %s in %s", device, dtype)
     for spec in specs:
-        texts = general[0] if general and spec.role != "champion" else []
-        results[spec.role], documents[spec.role], cache_state[spec.role] = _reuse_or_score(
-            cfg, spec, rows, (chat, texts), (device, dtype), timings
+        vs_base = spec.role != "champion"  # the forgetting and harness rules compare candidate with base
+        texts = general[0] if general and vs_base else []
+        scored[spec.role], cache_state[spec.role] = _reuse_or_score(
+            cfg, spec, rows, (chat, texts, harness if vs_base else None), (device, dtype)
         )
+        results[spec.role] = scored[spec.role].results
+        timings.update(scored[spec.role].timings)
 
-    extra = [] if general is None else [_forgetting(cfg, documents, general[1])]
+    extra = [] if general is None else [_forgetting(cfg, scored, general[1])]
+    if harness is not None:
+        tasks = {role: scored[role].harness for role in ("candidate", "base")}
+        extra.append(harness_rule(tasks["candidate"], tasks["base"], cfg.gate.max_harness_regression))
     gate = _apply_gate(cfg, results, champion, extra)
     summary = {m: (aggregate(r) if r is not None else None) for m, r in results.items()}
     timings["total_s"] = round(time.perf_counter() - started, 2)
@@ -199,21 +209,21 @@ def _reuse_or_score(
     cfg: Config,
     spec: ModelSpec,
     rows: list[dict[str, str]],
-    inputs: tuple[ChatFormat, list[str]],
+    inputs: tuple[ChatFormat, list[str], dict[str, Any] | None],
     on: tuple[str, str],
-    timings: dict[str, float],
-) -> tuple[list[dict[str, Any]], list[list[float]], str]:
-    """One model's per-row results and general-text losses: reused from `eval.cache_dir` when its
-    fingerprint matches, else scored.
+) -> tuple[Scored, str]:
+    """One model's per-row results, general-text losses and harness results: reused from
+    `eval.cache_dir` when its fingerprint matches, else scored.
 
     The fingerprint covers everything that decides them: the model's and the adapter's content, the eval
-    rows, the chat format, the general texts (`inputs`), the generation settings, the device and dtype (`on`).
+    rows, the chat format, the general texts and the harness settings (`inputs`), the generation
+    settings, the device and dtype (`on`).
 
     Returns:
-        (results, document losses, cache state): "hit" (reused), "miss" (scored and stored) or "off".
+        (what was scored, cache state): "hit" (reused), "miss" (scored and stored) or "off".
     """
     cache_root = _cache_root(cfg)
-    chat, texts = inputs
+    chat, texts, harness = inputs
     device, dtype = on
     material = {
         "cache_version": CACHE_VERSION,
@@ -222,6 +232,7 @@ def _reuse_or_score(
         "data": hashlib.sha256(json.dumps(rows, sort_keys=True, ensure_ascii=False).encode()).hexdigest(),
         "chat": chat.fingerprint,
         "general": [texts_digest(texts), cfg.eval.general_max_tokens] if texts else None,
+        "harness": harness,
         "max_new_tokens": cfg.eval.max_new_tokens,
         "batch_size": cfg.eval.batch_size,  # padding changes floating-point sums, rarely tokens: key on it
         "device": device,
@@ -232,16 +243,22 @@ def _reuse_or_score(
     record = reusable(entry, key) if entry else None
     if record is not None and [r.get("id") for r in record.get("rows", [])] == [r["id"] for r in rows]:
         log.info("%s: cached results %s reused", spec.role, key)
-        return record["rows"], record.get("documents") or [], "hit"
-    results, step_timings, docs = score_model(cfg, spec, rows, (device, dtype), texts)
-    timings.update(step_timings)
-    documents = [list(d) for d in docs]
+        documents = [tuple(d) for d in record.get("documents") or []]
+        return Scored(record["rows"], {}, documents, record.get("harness") or {}), "hit"  # type: ignore[arg-type]
+    scored = score_model(cfg, spec, rows, (device, dtype), texts, harness=harness is not None)
     if entry is None:
-        return results, documents, "off"
+        return scored, "off"
     write_json_atomic(
-        entry, {"fingerprint": key, "material": material, "rows": results, "documents": documents}
+        entry,
+        {
+            "fingerprint": key,
+            "material": material,
+            "rows": scored.results,
+            "documents": [list(d) for d in scored.documents],
+            "harness": scored.harness,
+        },
     )
-    return results, documents, "miss"
+    return scored, "miss"
 
 
 def _model_fingerprint(src: str, cfg: Config, cache_root: Path | None) -> str:
@@ -275,12 +292,12 @@ def _model_fingerprint(src: str, cfg: Config, cache_root: Path | None) -> str:
     return digest.hexdigest()[:24]
 
 
-def _forgetting(cfg: Config, documents: Mapping[str, list[list[float]]], source: str) -> dict[str, Any]:
+def _forgetting(cfg: Config, scored: Mapping[str, Scored], source: str) -> dict[str, Any]:
     """The forgetting rule on the base's and the candidate's losses on the general texts (general.py)."""
     e = cfg.eval
     rule = forgetting_rule(
-        documents["candidate"],
-        documents["base"],
+        scored["candidate"].documents,
+        scored["base"].documents,
         cfg.gate.max_general_ppl_increase or 0.0,
         e.bootstrap_samples,
         e.confidence,

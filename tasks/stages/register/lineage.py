@@ -91,7 +91,8 @@ def _export_chat(layout: RunLayout) -> dict[str, Any]:
 
 def key_metrics(gate: dict[str, Any]) -> dict[str, float]:
     """The candidate's top-level numbers from gate.json (a {"mean": x} style entry counts as x), and the
-    forgetting rule's value when the rule ran (`general_ppl_increase`)."""
+    forgetting rule's value when the rule ran (`general_ppl_increase`), and per harness task its headline
+    metric (`harness_<task>_<metric>`) with the change from the base (`..._change`)."""
     candidate = (gate.get("metrics") or {}).get("candidate") or {}
     out: dict[str, float] = {}
     for key, value in candidate.items() if isinstance(candidate, dict) else ():
@@ -102,6 +103,10 @@ def key_metrics(gate: dict[str, Any]) -> dict[str, float]:
     for rule in gate.get("rules") or ():
         if rule.get("name") == "max_general_ppl_increase" and isinstance(rule.get("value"), int | float):
             out["general_ppl_increase"] = float(rule["value"])
+        if rule.get("name") == "max_harness_regression":
+            for task, t in (rule.get("tasks") or {}).items():
+                out[f"harness_{task}_{t['metric']}"] = float(t["candidate"])
+                out[f"harness_{task}_{t['metric']}_change"] = float(t["change"])
     return out
 
 

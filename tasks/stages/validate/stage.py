@@ -39,6 +39,7 @@ from tasks.core.layout import RunLayout
 from tasks.plumbing.chat import chat_format
 from tasks.plumbing.dataio import DatasetReader, resolve_source
 from tasks.plumbing.general_text import general_documents, replay_documents
+from tasks.plumbing.harness import harness_settings
 from tasks.plumbing.loading import load_tokenizer
 from tasks.stages.validate.facts import Scan, in_both_splits, scan_rows
 from tasks.stages.validate.policies import (
@@ -106,6 +107,7 @@ def _validate(cfg: Config, layout: RunLayout) -> dict[str, Any]:
     )
     chat = chat_format(cfg, load_tokenizer(cfg))
     _check_general_text(cfg)
+    harness_settings(cfg)  # eval.harness_tasks without the [harness] extra stops here, not at the gate
     started = time.perf_counter()
     scan = scan_rows(cfg, reader, chat)
     seconds = {"pass1_facts_s": round(time.perf_counter() - started, 2)}

@@ -1,0 +1,213 @@
+"""lm-evaluation-harness, the standard engine for standard tasks, run on the models evaluate loads.
+
+`eval.harness_tasks` names tasks the harness knows (arc_easy, hellaswag, mmlu_*: their datasets come from
+the hub, or the local datasets cache when offline), paths to task YAMLs of your own, and `qa_lora_mc`:
+a multiple-choice task built here from the run's eval rows (the right answer among three answers to
+other questions), so the engine runs on the embedded default with nothing to download.
+
+The models are the ones the evaluate stage scores (`stages/evaluate/scoring.load_model`: same device,
+dtype and merged adapter), handed to the harness's HF model as objects. Its `peft=` path is not used: it
+calls `tie_weights()` after loading an adapter, which fails on a base with tied embeddings whose adapter
+saves them (`KeyError: "attribute 'weight' already exists"`, the embedded recipe).
+
+The harness is the optional extra `harness` (`pip install '.[harness]'`; `make setup` installs it). A
+missing extra, an unknown task or an unreachable dataset is one line naming the task, never a skip.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import importlib.util
+import json
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from tasks.core.config import Config
+from tasks.core.errors import UserError
+
+log = logging.getLogger("qa_lora.evaluate")
+
+LOCAL_TASK = "qa_lora_mc"
+DISTRACTORS = 3
+# The metric gated per task, first found: the harness's usual headline metrics (higher is better).
+PREFERRED_METRICS = ("acc_norm", "acc", "exact_match", "f1", "mcc")
+
+_LOCAL_YAML = """\
+task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+output_type: multiple_choice
+test_split: test
+doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
+doc_to_target: label
+doc_to_choice: "{{{{choices}}}}"
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+  - metric: acc_norm
+    aggregation: mean
+    higher_is_better: true
+metadata:
+  version: 1.0
+"""
+
+
+def harness_settings(cfg: Config) -> dict[str, Any] | None:
+    """What decides the harness's results besides the model (the eval cache keys on it), checked: None
+    when `eval.harness_tasks` is empty.
+
+    Raises:
+        UserError: the extra is not installed, or a task YAML path does not exist.
+    """
+    names = list(cfg.eval.harness_tasks)
+    if not names:
+        return None
+    if importlib.util.find_spec("lm_eval") is None:
+        raise UserError(
+            f"eval.harness_tasks {names}: lm-evaluation-harness is not installed; install the extra "
+            "(pip install -c constraints.txt '.[harness]', which `make setup` does) or set "
+            "eval.harness_tasks: []"
+        )
+    yamls = {}
+    for name in names:
+        if _is_yaml(name):
+            path = cfg.resolve(name)
+            if not path.is_file():
+                raise UserError(f"eval.harness_tasks: {path}: no such task YAML")
+            yamls[name] = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    return {
+        "tasks": names,
+        "yamls": yamls,
+        "limit": cfg.eval.harness_limit,
+        "lm_eval": importlib.metadata.version("lm_eval"),
+    }
+
+
+def local_task_docs(rows: Sequence[Mapping[str, str]]) -> list[dict[str, Any]]:
+    """The `qa_lora_mc` documents: per eval row its question, its answer among DISTRACTORS answers of
+    other questions (picked and ordered by a hash of the row's id: the same rows give the same task)."""
+    answers = sorted({r["answer"] for r in rows})
+    docs = []
+    for row in rows:
+
+        def order(text: str, row_id: str = row["id"]) -> str:
+            return hashlib.sha256(f"{row_id}\n{text}".encode()).hexdigest()
+
+        others = sorted((a for a in answers if a != row["answer"]), key=order)[:DISTRACTORS]
+        choices = sorted([row["answer"], *others], key=order)
+        docs.append({"id": row["id"], "question": row["question"], "choices": choices})
+        docs[-1]["label"] = choices.index(row["answer"])
+    return docs
+
+
+def harness_scores(
+    model: Any, tokenizer: Any, cfg: Config, rows: Sequence[Mapping[str, str]], workdir: Path
+) -> dict[str, dict[str, Any]]:
+    """Run `eval.harness_tasks` on a loaded model.
+
+    Args:
+        model: a transformers causal LM in eval mode (an adapter merged in), on its device.
+        tokenizer: its tokenizer.
+        rows: the eval rows (`qa_lora_mc` is built from them).
+        workdir: where the local task's YAML and documents are written (a scratch directory).
+
+    Returns:
+        Per task (groups included): {"metric", "value", "stderr", "metrics": every numeric result}.
+
+    Raises:
+        UserError: an unknown task, or a dataset that cannot be loaded (offline, no such dataset).
+    """
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    names, include = _task_names(cfg, rows, workdir)
+    manager = TaskManager(include_path=include or None)
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=cfg.eval.batch_size)
+    os.environ.setdefault("TQDM_DISABLE", "1")  # the harness's per-request progress bars, not in task logs
+    try:
+        out = lm_eval.simple_evaluate(
+            model=lm,
+            tasks=names,
+            task_manager=manager,
+            limit=cfg.eval.harness_limit,
+            log_samples=False,
+            bootstrap_iters=cfg.eval.bootstrap_samples,
+            random_seed=cfg.eval.seed,
+        )
+    except KeyError as exc:  # the harness's "is not a registered task/group/tag name or valid YAML path"
+        raise UserError(f"eval.harness_tasks: {exc.args[0] if exc.args else exc}") from None
+    except (ConnectionError, OSError, ValueError) as exc:
+        raise UserError(
+            f"eval.harness_tasks {names}: a task's dataset could not be loaded ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}); offline, a standard task needs its dataset in "
+            "the local datasets cache (HF_DATASETS_CACHE)"
+        ) from None
+    return {task: _headline(values) for task, values in (out or {}).get("results", {}).items()}
+
+
+def _task_names(cfg: Config, rows: Sequence[Mapping[str, str]], workdir: Path) -> tuple[list[str], list[str]]:
+    """The names the harness runs and the folders it reads task YAMLs from (the local task written)."""
+    names: list[str] = []
+    include: list[str] = []
+    for entry in cfg.eval.harness_tasks:
+        if entry == LOCAL_TASK:
+            include.append(str(_write_local_task(rows, workdir)))
+            names.append(LOCAL_TASK)
+        elif _is_yaml(entry):
+            path = cfg.resolve(entry)
+            include.append(str(path.parent))
+            names.append(_yaml_task_name(path))
+        else:
+            names.append(entry)
+    return names, list(dict.fromkeys(include))
+
+
+def _write_local_task(rows: Sequence[Mapping[str, str]], workdir: Path) -> Path:
+    folder = workdir / LOCAL_TASK
+    folder.mkdir(parents=True, exist_ok=True)
+    data = folder / f"{LOCAL_TASK}.jsonl"
+    data.write_text("".join(json.dumps(d, ensure_ascii=False) + "\n" for d in local_task_docs(rows)), "utf-8")
+    (folder / f"{LOCAL_TASK}.yaml").write_text(_LOCAL_YAML.format(name=LOCAL_TASK, data=data), "utf-8")
+    return folder
+
+
+def _yaml_task_name(path: Path) -> str:
+    """The `task:` a user's YAML declares (the harness runs tasks by name)."""
+    import yaml
+
+    try:
+        name = (yaml.safe_load(path.read_text("utf-8")) or {}).get("task")
+    except (OSError, yaml.YAMLError) as exc:
+        raise UserError(f"eval.harness_tasks: {path}: not a readable task YAML ({exc})") from None
+    if not isinstance(name, str) or not name:
+        raise UserError(f"eval.harness_tasks: {path}: the YAML has no `task:` name")
+    return name
+
+
+def _is_yaml(entry: str) -> bool:
+    return entry.endswith((".yaml", ".yml"))
+
+
+def _headline(values: Mapping[str, Any]) -> dict[str, Any]:
+    """One task's results: every numeric `metric,filter` value by metric name, and the gated metric."""
+    metrics = {
+        key.split(",", 1)[0]: float(value)
+        for key, value in values.items()
+        if "," in key and isinstance(value, int | float) and not isinstance(value, bool)
+    }
+    main = next((m for m in PREFERRED_METRICS if m in metrics), None)
+    main = main or next((m for m in metrics if not m.endswith("_stderr")), None)
+    return {
+        "metric": main,
+        "value": metrics.get(main) if main else None,
+        "stderr": metrics.get(f"{main}_stderr") if main else None,
+        "metrics": metrics,
+    }
