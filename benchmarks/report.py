@@ -324,6 +324,44 @@ def _gpu_row(g: dict[str, Any]) -> Row:
     return (label, _pct(g["stage_mfu"]), target, _met(_cmp(g["stage_mfu"], ">=", 0.35)), detail)
 
 
+def _distributed_rows(f: dict[str, Any]) -> list[Row]:
+    """Figure 10: tokens/s over processes and nodes, DDP's communication share, FSDP's bytes per rank."""
+    tok = f["tokens_per_s"]
+    comm = "; ".join(f"{k} {_pct(v)}" for k, v in f["comm_share"].items())
+    ddp, fsdp = f["per_rank"]["ddp"], f["per_rank"]["fsdp"]
+    gib = 2**30
+    plans = "; ".join(
+        f"{name}: "
+        + ", ".join(
+            f"{p['distributed'] or 'one GPU'} x{p['processes']} {p['memory_per_gpu_gib']} GiB/GPU"
+            for p in row.values()
+        )
+        for name, row in f["presets"].items()
+    )
+    model = f"random Llama {f['model_params'] / 1e6:.0f}M params, LoRA r=16 q/v, global batch {f['global_batch']} x {f['seq']} tokens"
+    return [
+        (
+            "10a. LoRA tokens/s, 2 processes vs 1 (one node) / 2 nodes vs 1 node",
+            f"{_x(f['two_procs_vs_one'])} / {_x(f['two_nodes_vs_one'])}",
+            "report",
+            "n/a",
+            f"{model}: "
+            + ", ".join(f"{k} {v:.0f}" for k, v in tok.items())
+            + f"; DDP step time in communication: {comm}",
+        ),
+        (
+            "10b. bytes held per rank, FSDP2 / DDP (2 ranks)",
+            _x(f["fsdp_vs_ddp_bytes"]),
+            "report",
+            "n/a",
+            f"DDP {ddp['total'] / gib:.3f} GiB (params {ddp['params'] / gib:.3f}), FSDP {fsdp['total'] / gib:.3f} GiB "
+            f"(params {fsdp['params'] / gib:.3f}); peak RSS DDP {f['peak_rss_gib']['ddp']:.2f}, FSDP "
+            f"{f['peak_rss_gib']['fsdp']:.2f} GiB (each rank builds the whole model before sharding); "
+            f"meta-device plans on MI300X: {plans}",
+        ),
+    ]
+
+
 # (figure, its label and target when it was not measured, its rows when it was), in the table's order.
 _SECTIONS: tuple[tuple[str | None, str, str, Callable[[dict[str, Any]], list[Row]]], ...] = (
     ("training", "1a. train tokens/s: stage vs naive TRL defaults", "report", _training_rows),
@@ -345,4 +383,5 @@ _SECTIONS: tuple[tuple[str | None, str, str, Callable[[dict[str, Any]], list[Row
     ("dag", "5. DAG parse (airflow already imported)", "well under 1 s, no torch", _dag_rows),
     ("memory", "6. peak RSS - baseline / model bytes", "merge: < 2 copies", _memory_rows),
     ("scale", "9. the pipeline at 1M rows (validate)", "<= 300 s, <= 2 GiB", _scale_rows),
+    ("distributed", "10. LoRA across processes and nodes; FSDP vs DDP per rank", "report", _distributed_rows),
 )

@@ -11,6 +11,8 @@ Figures (every one a ratio measured in this run; see benchmarks/RESULTS.md):
   dvc        4b. `dvc repro` with nothing changed (expensive)
   gpu        7. LoRA tokens/s and MFU on a >= 1B Llama in bf16 (only with --device cuda)
   scale      9. every stage at 10k, 100k and 1M rows: wall, rows/s, peak RSS; validate vs its floor
+  distributed 10. LoRA tokens/s over 1 and 2 processes and 2 nodes (loopback), DDP's communication share,
+             bytes per rank with FSDP2 vs DDP, the 7B/70B presets' per-GPU plans (meta device)
 
 Writes benchmarks/results.json (merged per figure, so `--only` updates one figure) and the table in
 benchmarks/RESULTS.md between its markers. The GPU figure is measured on a GPU node
@@ -35,7 +37,7 @@ from benchmarks.common import BENCH_DIR, QUIET_ENV, loadavg, machine
 
 RESULTS_JSON = BENCH_DIR / "results.json"
 RESULTS_MD = BENCH_DIR / "RESULTS.md"
-CPU_FIGURES = ("training", "inference", "serving", "dag", "memory", "airflow", "dvc", "scale")
+CPU_FIGURES = ("training", "inference", "serving", "dag", "memory", "airflow", "dvc", "scale", "distributed")
 ALL = (*CPU_FIGURES, "gpu")
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 
@@ -164,6 +166,10 @@ def _run_figure(name: str, tmp: Path, args: argparse.Namespace, train_run_dir: P
         from benchmarks import scale
 
         return scale.run(tmp, args.quick)
+    if name == "distributed":
+        from benchmarks import distributed
+
+        return distributed.run(tmp / "distributed", args.quick)
     if name == "gpu":
         from benchmarks import gpu
 

@@ -124,6 +124,12 @@ def show(run_dir: Path, questions: int = 3) -> None:
     print(f"\nrun directory:   {run_dir}")
     print(f"report:          {run_dir / 'eval' / 'eval_report.md'}")
     print(f"gate:            {'PASSED' if gate['passed'] else 'FAILED: ' + '; '.join(gate['reasons'])}")
+    for rule in gate["rules"]:  # each rule's value against its threshold (the report says what each protects)
+        value = rule.get("value")
+        shown = f"{value:+.3f}" if isinstance(value, int | float) else "-"
+        print(
+            f"  {'ok  ' if rule['passed'] else 'FAIL'} {rule['name']:<32} {shown} (threshold {rule.get('threshold')})"
+        )
     registration = run_dir / "register" / "registration.json"
     if registration.is_file():
         reg = json.loads(registration.read_text())
