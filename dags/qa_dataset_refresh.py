@@ -12,10 +12,10 @@ from datetime import datetime, timedelta
 
 from airflow.sdk import dag, task
 
-from tasks.runners import airflow as ds
+from tasks.runners.airflow import dataset_asset, default_config, refresh_dataset
 
-CFG = ds.default_config()
-DATASET = ds.dataset_asset(CFG)
+CFG = default_config()
+DATASET = dataset_asset(CFG)
 
 
 @dag(
@@ -29,11 +29,11 @@ DATASET = ds.dataset_asset(CFG)
     default_args={"owner": "ml-platform", "retries": 1, "execution_timeout": timedelta(minutes=10)},
 )
 def qa_dataset_refresh() -> None:
-    @task(outlets=[DATASET])
-    def refresh_dataset() -> dict:
-        return ds.refresh_dataset(CFG)
+    @task(outlets=[DATASET], task_id="refresh_dataset")
+    def refresh() -> dict:
+        return refresh_dataset(CFG)
 
-    refresh_dataset()
+    refresh()
 
 
 qa_dataset_refresh()

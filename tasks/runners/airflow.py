@@ -379,7 +379,15 @@ def notify(context: dict[str, Any]) -> None:
         "run_dir": str(run_dir) if run_dir.is_dir() else None,
     }
     reason = str(context.get("reason") or context.get("exception") or "") or state
-    _tell("failed" if failed else "succeeded", run_id, reason, facts, context)
+    from tasks.runners.notifications import told
+
+    # gate.on_fail: fail makes a refused candidate fail the run: its refusal was the notice, one per event
+    send = not (failed and told(RUNS_ROOT / "notifications.jsonl", run_id, "refused"))
+    if not send:
+        log.info(
+            "run %s failed on its refused candidate, which was told: the failure is only recorded", run_id
+        )
+    _tell("failed" if failed else "succeeded", run_id, reason, facts, context, send=send)
 
 
 def tell_approval_waiting(context: dict[str, Any]) -> None:
@@ -392,11 +400,16 @@ def tell_approval_waiting(context: dict[str, Any]) -> None:
     _tell("approval", run_id, reason, facts, context)
 
 
-def _tell(event: str, run_id: str, reason: str, facts: dict[str, Any], context: Any = None) -> None:
+def _tell(
+    event: str, run_id: str, reason: str, facts: dict[str, Any], context: Any = None, send: bool = True
+) -> None:
+    """Tell of `event` through orchestrate.notify's channels (`send=False`: the journal line only)."""
     from tasks.runners.notifications import Notice, deliver
 
     journal = RUNS_ROOT / "notifications.jsonl"
-    deliver(Notice(event, run_id, reason, facts), default_config().orchestrate.notify, journal, context)
+    notify = default_config().orchestrate.notify
+    notify = notify if send else notify.model_copy(update={"events": ()})
+    deliver(Notice(event, run_id, reason, facts), notify, journal, context)
 
 
 def _current_run_id(run: dict[str, Any]) -> str:

@@ -64,6 +64,22 @@ class Notice:
         }
 
 
+def told(journal: Path, run_id: str, event: str) -> bool:
+    """Whether the journal holds an `event` notice for `run_id` (a refusal told before the run failed)."""
+    try:
+        lines = journal.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        return False
+    for line in reversed(lines):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if record.get("run_id") == run_id and record.get("event") == event:
+            return True
+    return False
+
+
 def deliver(
     notice: Notice, cfg: NotifyConfig, journal: Path, context: dict[str, Any] | None = None
 ) -> list[str]:

@@ -83,6 +83,32 @@ def test_a_refused_candidate_is_mailed_with_the_failing_rule_and_the_report(mail
     _no_credential(message)
 
 
+def test_a_refusal_that_fails_the_run_is_told_once(mailbox, tmp_path: Path, monkeypatch) -> None:
+    """gate.on_fail: fail: the gate task tells of the refusal and fails the run; the DAG's failure
+    callback that follows records the failure without a second mail."""
+    received, _, journal = mailbox
+    monkeypatch.setattr(ds, "_current_run_id", lambda run: RUN_ID)
+    run_dir = ds.run_dir_for(RUN_ID)
+    (run_dir / "eval").mkdir(parents=True)
+    gate = {"passed": False, "rules": [], "reasons": ["max_harness_regression: qa_lora_mc fell 0.12"]}
+    (run_dir / "eval" / "gate.json").write_text(json.dumps(gate))
+    save_config(load_config(overrides=[("gate.on_fail", "fail")]), run_dir / "params.effective.yaml")
+    with pytest.raises(Exception, match="gate FAILED"):
+        ds.check_gate({"run_dir": str(run_dir)})
+    ti = types.SimpleNamespace(task_id="gate")
+    ds.notify({"dag_run": types.SimpleNamespace(run_id=RUN_ID, state="failed"), "ti": ti, "reason": "gate"})
+    assert [m["Subject"] for m in received] == [f"[qa-lora] candidate refused: {RUN_ID}"]
+    records = [json.loads(line) for line in journal.read_text().splitlines()]
+    assert [(r["event"], r["sent_to"]) for r in records] == [
+        ("refused", ["email:oncall@example.com"]),
+        ("failed", []),
+    ]
+    # another run's failure is still mailed
+    other = "manual__2026-12-07T11:00:00+00:00"
+    ds.notify({"dag_run": types.SimpleNamespace(run_id=other, state="failed"), "ti": ti, "reason": "train"})
+    assert received[-1]["Subject"] == f"[qa-lora] run failed: {other}"
+
+
 def test_an_approval_waiting_is_mailed_with_the_version_and_the_report(mailbox) -> None:
     received, _, _ = mailbox
     register = ds.run_dir_for(RUN_ID) / "register"

@@ -32,7 +32,13 @@ METRICS = {
     "runs/dvc/metrics/eval.json": {"token_f1", "base", "ci_low", "gate"},
     "runs/dvc/metrics/export.json": {"parity", "size_mb"},
 }
-OPTIONAL = {"champ", "unique", "p50_ms", "harness", "forget"}  # reported when the run has them (a champion, a latency...)
+OPTIONAL = {
+    "champ",
+    "unique",
+    "p50_ms",
+    "harness",
+    "forget",
+}  # reported when the run has them (a champion, a latency...)
 # The README's comparison table: key params and the experiment's metrics (data counts and the champion
 # are the same for every experiment of a sweep).
 EXP_SHOW = [
