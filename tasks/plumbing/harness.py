@@ -16,13 +16,14 @@ missing extra, an unknown task or an unreachable dataset is one line naming the 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
 import importlib.util
 import json
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -107,6 +108,24 @@ def local_task_docs(rows: Sequence[Mapping[str, str]]) -> list[dict[str, Any]]:
     return docs
 
 
+def check_tasks(cfg: Config, rows: Sequence[Mapping[str, str]]) -> None:
+    """Load every task of `eval.harness_tasks` (its dataset included) before any model is scored, so an
+    unknown task or an unreachable dataset stops evaluate in seconds rather than after the base's scoring.
+
+    Raises:
+        UserError: as :func:`harness_scores`.
+    """
+    import tempfile
+
+    from lm_eval.tasks import TaskManager, get_task_dict
+
+    with tempfile.TemporaryDirectory(prefix="qa-lora-harness-") as scratch:
+        names, include = _task_names(cfg, rows, Path(scratch))
+        with _one_line_errors(names):
+            get_task_dict(names, TaskManager(include_path=include or None))
+    log.info("harness tasks %s: loaded", names)
+
+
 def harness_scores(
     model: Any, tokenizer: Any, cfg: Config, rows: Sequence[Mapping[str, str]], workdir: Path
 ) -> dict[str, dict[str, Any]]:
@@ -132,7 +151,7 @@ def harness_scores(
     manager = TaskManager(include_path=include or None)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=cfg.eval.batch_size)
     os.environ.setdefault("TQDM_DISABLE", "1")  # the harness's per-request progress bars, not in task logs
-    try:
+    with _one_line_errors(names):
         out = lm_eval.simple_evaluate(
             model=lm,
             tasks=names,
@@ -142,15 +161,22 @@ def harness_scores(
             bootstrap_iters=cfg.eval.bootstrap_samples,
             random_seed=cfg.eval.seed,
         )
+    return {task: _headline(values) for task, values in (out or {}).get("results", {}).items()}
+
+
+@contextlib.contextmanager
+def _one_line_errors(names: Sequence[str]) -> Iterator[None]:
+    """The harness's errors for a task it cannot run, as one line naming the task list."""
+    try:
+        yield
     except KeyError as exc:  # the harness's "is not a registered task/group/tag name or valid YAML path"
         raise UserError(f"eval.harness_tasks: {exc.args[0] if exc.args else exc}") from None
     except (ConnectionError, OSError, ValueError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else ""
         raise UserError(
-            f"eval.harness_tasks {names}: a task's dataset could not be loaded ({type(exc).__name__}: "
-            f"{str(exc).splitlines()[0] if str(exc) else ''}); offline, a standard task needs its dataset in "
-            "the local datasets cache (HF_DATASETS_CACHE)"
+            f"eval.harness_tasks {list(names)}: a task's dataset could not be loaded ({type(exc).__name__}: "
+            f"{first}); offline, a standard task needs its dataset in the local datasets cache (HF_DATASETS_CACHE)"
         ) from None
-    return {task: _headline(values) for task, values in (out or {}).get("results", {}).items()}
 
 
 def _task_names(cfg: Config, rows: Sequence[Mapping[str, str]], workdir: Path) -> tuple[list[str], list[str]]:

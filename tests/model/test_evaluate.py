@@ -264,6 +264,16 @@ def test_a_candidate_that_loses_a_harness_skill_fails_the_harness_rule(
     assert same["passed"] and same["value"] == 0.0
 
 
+def test_an_unreachable_harness_dataset_stops_evaluate_before_any_scoring(
+    adapters: dict[str, Any], tmp_path: Path
+) -> None:
+    cfg = _cfg(tmp_path, adapters, **{"eval.harness_tasks": ["qa_lora_mc", "arc_easy"]})
+    run_dir = _run_dir(tmp_path, "offline", adapters["eval_rows"], adapters["good"])
+    with pytest.raises(UserError, match=r"eval.harness_tasks .*arc_easy.*could not be loaded"):
+        evaluate_candidate(cfg, run_dir)
+    assert not (tmp_path / "cache").exists() and not (run_dir / "eval").exists()  # nothing scored or written
+
+
 def test_missing_or_malformed_inputs_are_user_errors(tmp_path: Path) -> None:
     cfg = load_config(
         overrides=[

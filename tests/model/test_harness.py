@@ -11,7 +11,7 @@ import pytest
 
 from tasks.core.config import REPO_ROOT, load_config
 from tasks.core.errors import UserError
-from tasks.plumbing.harness import harness_scores
+from tasks.plumbing.harness import check_tasks, harness_scores
 from tasks.stages.evaluate.scoring import ModelSpec, load_model
 
 
@@ -70,3 +70,9 @@ def test_an_unknown_task_or_an_unreachable_dataset_is_one_line(
         harness_scores(model, tokenizer, _cfg(tiny_base, ["arc_easy"]), rows, tmp_path)
     text = str(offline.value)
     assert "arc_easy" in text and "could not be loaded" in text and "ai2_arc" in text and "\n" not in text
+    # the same checks before any model is loaded (evaluate runs them first)
+    with pytest.raises(UserError, match="could not be loaded"):
+        check_tasks(_cfg(tiny_base, ["qa_lora_mc", "arc_easy"]), rows)
+    with pytest.raises(UserError, match="no_such_task_xyz"):
+        check_tasks(_cfg(tiny_base, ["no_such_task_xyz"]), rows)
+    check_tasks(_cfg(tiny_base, ["qa_lora_mc"]), rows)

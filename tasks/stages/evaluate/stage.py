@@ -34,7 +34,7 @@ from tasks.core.layout import RunLayout
 from tasks.core.reuse import fingerprint, reusable
 from tasks.plumbing.chat import ChatFormat, chat_format, check_same_format
 from tasks.plumbing.general_text import general_documents, texts_digest
-from tasks.plumbing.harness import harness_settings
+from tasks.plumbing.harness import check_tasks, harness_settings
 from tasks.plumbing.loading import load_tokenizer, resolve_base
 from tasks.plumbing.registry import fetched_champion
 from tasks.plumbing.splits import eval_sample
@@ -156,6 +156,8 @@ def _evaluate(
     """Score the models, apply the gate, write eval/; the stage's result."""
     general = general_documents(cfg)  # a hub base without general text fails here, before any scoring
     harness = harness_settings(cfg)  # so does a harness task list without the harness installed
+    if harness is not None:
+        check_tasks(cfg, rows)  # and an unknown task or an unreachable dataset
     chat = chat_format(cfg, load_tokenizer(cfg))
     check_same_format(
         layout.adapter_dir, chat
