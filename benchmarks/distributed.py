@@ -5,13 +5,12 @@ step splits across cores plus what the gradient all-reduce costs, not a GPU node
 
   10a. tokens/s of LoRA steps on a random ~100M-parameter Llama: 1 process, 2 processes on one node
        (`torchrun --standalone`), and 2 nodes of 1 process (two torchrun agents on loopback with a c10d
-       rendezvous, as `train.nnodes: 2` starts them), all at the same global batch;
-  10b. the share of a DDP step spent in communication: 1 - (step time under `no_sync()`, no all-reduce)
-       / (step time with it);
-  10c. bytes held per rank (parameters, gradients, optimizer state) with DDP vs FSDP2 (`fully_shard` per
-       decoder layer: the base's frozen weights are sharded too), and each rank's peak RSS;
-  10d. beside them, the 7B and 70B presets' per-GPU memory plans from the meta device
-       (`qa-lora info --params`, tasks/stages/train/capacity.py), with FSDP and with DDP.
+       rendezvous, as `train.nnodes: 2` starts them), all at the same global batch; and the share of a
+       DDP step spent in communication: 1 - (step time under `no_sync()`, no all-reduce) / (with it);
+  10b. bytes held per rank (parameters, gradients, optimizer state) with DDP vs FSDP2 (`fully_shard` per
+       decoder layer: the base's frozen weights are sharded too), each rank's peak RSS, and beside them
+       the 7B and 70B presets' per-GPU memory plans from the meta device (`qa-lora info --params`,
+       tasks/stages/train/capacity.py), the 70B one also with DDP.
 
 The measuring worker is this module run under torchrun (`python -m benchmarks.distributed --worker`).
 """
@@ -102,19 +101,25 @@ def _launch(out: Path, mode: str, steps: int, batch: int, nodes: int, procs: int
         cmd += [*rdzv, *(["--node-rank", str(node)] if nodes > 1 else []), *worker]
         home = out / f"node{node}"  # each "node" its own working directory, as on two machines
         home.mkdir(exist_ok=True)
-        agents.append(
-            subprocess.Popen(
-                cmd,
-                cwd=REPO_ROOT,
-                env={**env, "PYTHONPATH": str(REPO_ROOT)},
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
+        with (home / "agent.log").open("wb") as log:
+            agents.append(
+                subprocess.Popen(
+                    cmd,
+                    cwd=home,
+                    env={**env, "HOME": str(home), "PYTHONPATH": str(REPO_ROOT)},
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                )
             )
-        )
-    logs = [a.communicate(timeout=1800)[0] for a in agents]
-    if any(a.returncode for a in agents):
-        raise RuntimeError(f"{out.name}: a torchrun agent failed:\n" + "\n".join(x[-2000:] for x in logs))
+    try:
+        codes = [a.wait(timeout=1800) for a in agents]
+    finally:
+        for agent in agents:
+            if agent.poll() is None:
+                agent.kill()
+    if any(codes):
+        logs = [(out / f"node{n}" / "agent.log").read_text(errors="replace")[-2000:] for n in range(nodes)]
+        raise RuntimeError(f"{out.name}: a torchrun agent failed:\n" + "\n".join(logs))
     return json.loads((out / "rank0.json").read_text())
 
 

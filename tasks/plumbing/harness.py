@@ -22,6 +22,7 @@ import importlib.metadata
 import importlib.util
 import json
 import logging
+import math
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -33,7 +34,9 @@ from tasks.core.errors import UserError
 log = logging.getLogger("qa_lora.evaluate")
 
 LOCAL_TASK = "qa_lora_mc"
+LOCAL_TASK_VERSION = "1"  # bump when the local task's documents or YAML change: cached results are stale
 DISTRACTORS = 3
+_TASK_FILES = (".yaml", ".yml", ".py", ".json", ".jsonl", ".csv", ".parquet", ".txt")
 # The metric gated per task, first found: the harness's usual headline metrics (higher is better).
 PREFERRED_METRICS = ("acc_norm", "acc", "exact_match", "f1", "mcc")
 
@@ -82,13 +85,24 @@ def harness_settings(cfg: Config) -> dict[str, Any] | None:
             path = cfg.resolve(name)
             if not path.is_file():
                 raise UserError(f"eval.harness_tasks: {path}: no such task YAML")
-            yamls[name] = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+            yamls[name] = _folder_digest(path.parent)
     return {
         "tasks": names,
         "yamls": yamls,
+        "local_task": LOCAL_TASK_VERSION,
         "limit": cfg.eval.harness_limit,
         "lm_eval": importlib.metadata.version("lm_eval"),
     }
+
+
+def _folder_digest(folder: Path) -> str:
+    """A task YAML's folder, which the harness indexes (its YAMLs, `include:`d parents, `!function`
+    modules and local data files): its files' content decides the task."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in _TASK_FILES):
+        digest.update(f"{path.relative_to(folder)}\n".encode())
+        digest.update(hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()[:16]
 
 
 def local_task_docs(rows: Sequence[Mapping[str, str]]) -> list[dict[str, Any]]:
@@ -117,12 +131,8 @@ def check_tasks(cfg: Config, rows: Sequence[Mapping[str, str]]) -> None:
     """
     import tempfile
 
-    from lm_eval.tasks import TaskManager, get_task_dict
-
     with tempfile.TemporaryDirectory(prefix="qa-lora-harness-") as scratch:
-        names, include = _task_names(cfg, rows, Path(scratch))
-        with _one_line_errors(names):
-            get_task_dict(names, TaskManager(include_path=include or None))
+        names, _ = _load_tasks(cfg, rows, Path(scratch))
     log.info("harness tasks %s: loaded", names)
 
 
@@ -138,30 +148,42 @@ def harness_scores(
         workdir: where the local task's YAML and documents are written (a scratch directory).
 
     Returns:
-        Per task (groups included): {"metric", "value", "stderr", "metrics": every numeric result}.
+        Per requested task or group (a group on its aggregate, not per subtask): {"metric", "value",
+        "stderr", "metrics": its finite numeric results}; "metric" and "value" are None when the harness
+        gave no higher-is-better metric for it.
 
     Raises:
         UserError: an unknown task, or a dataset that cannot be loaded (offline, no such dataset).
     """
     import lm_eval
     from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
+
+    names, manager = _load_tasks(cfg, rows, workdir)
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=cfg.eval.batch_size)
+    os.environ.setdefault("TQDM_DISABLE", "1")  # the harness's per-request progress bars, not in task logs
+    out = lm_eval.simple_evaluate(  # errors from here on are not the task list's: they propagate
+        model=lm,
+        tasks=names,
+        task_manager=manager,
+        limit=cfg.eval.harness_limit,
+        log_samples=False,
+        bootstrap_iters=cfg.eval.bootstrap_samples,
+        random_seed=cfg.eval.seed,
+    )
+    results, better = (out or {}).get("results", {}), (out or {}).get("higher_is_better", {})
+    return {name: _headline(results.get(name) or {}, better.get(name) or {}) for name in names}
+
+
+def _load_tasks(cfg: Config, rows: Sequence[Mapping[str, str]], workdir: Path) -> tuple[list[str], Any]:
+    """The task names and a TaskManager that finds them, every task loaded once (a user's task list
+    fails here, in one line)."""
+    from lm_eval.tasks import TaskManager, get_task_dict
 
     names, include = _task_names(cfg, rows, workdir)
     manager = TaskManager(include_path=include or None)
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=cfg.eval.batch_size)
-    os.environ.setdefault("TQDM_DISABLE", "1")  # the harness's per-request progress bars, not in task logs
     with _one_line_errors(names):
-        out = lm_eval.simple_evaluate(
-            model=lm,
-            tasks=names,
-            task_manager=manager,
-            limit=cfg.eval.harness_limit,
-            log_samples=False,
-            bootstrap_iters=cfg.eval.bootstrap_samples,
-            random_seed=cfg.eval.seed,
-        )
-    return {task: _headline(values) for task, values in (out or {}).get("results", {}).items()}
+        get_task_dict(names, manager)  # simple_evaluate loads them again: the datasets from the cache
+    return names, manager
 
 
 @contextlib.contextmanager
@@ -174,8 +196,9 @@ def _one_line_errors(names: Sequence[str]) -> Iterator[None]:
     except (ConnectionError, OSError, ValueError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else ""
         raise UserError(
-            f"eval.harness_tasks {list(names)}: a task's dataset could not be loaded ({type(exc).__name__}: "
-            f"{first}); offline, a standard task needs its dataset in the local datasets cache (HF_DATASETS_CACHE)"
+            f"eval.harness_tasks {list(names)}: a task or its dataset could not be loaded "
+            f"({type(exc).__name__}: {first}); offline, a standard task needs its dataset in the local "
+            "datasets cache (HF_DATASETS_CACHE)"
         ) from None
 
 
@@ -222,15 +245,21 @@ def _is_yaml(entry: str) -> bool:
     return entry.endswith((".yaml", ".yml"))
 
 
-def _headline(values: Mapping[str, Any]) -> dict[str, Any]:
-    """One task's results: every numeric `metric,filter` value by metric name, and the gated metric."""
-    metrics = {
-        key.split(",", 1)[0]: float(value)
-        for key, value in values.items()
-        if "," in key and isinstance(value, int | float) and not isinstance(value, bool)
-    }
+def _headline(values: Mapping[str, Any], higher_is_better: Mapping[str, Any]) -> dict[str, Any]:
+    """One task's results: its finite numeric values by metric name (the first filter's, e.g. `none` or
+    `strict-match`), and the gated metric: a preferred one, else the first the harness says is higher-is-
+    better (none: the rule fails for the task rather than gating on a metric whose sign it does not know)."""
+    metrics: dict[str, float] = {}
+    for key, value in values.items():
+        if (
+            "," in key
+            and isinstance(value, int | float)
+            and not isinstance(value, bool)
+            and math.isfinite(value)
+        ):
+            metrics.setdefault(key.split(",", 1)[0], float(value))
     main = next((m for m in PREFERRED_METRICS if m in metrics), None)
-    main = main or next((m for m in metrics if not m.endswith("_stderr")), None)
+    main = main or next((m for m in metrics if higher_is_better.get(m) is True), None)
     return {
         "metric": main,
         "value": metrics.get(main) if main else None,

@@ -381,8 +381,10 @@ def notify(context: dict[str, Any]) -> None:
     reason = str(context.get("reason") or context.get("exception") or "") or state
     from tasks.runners.notifications import told
 
-    # gate.on_fail: fail makes a refused candidate fail the run: its refusal was the notice, one per event
-    send = not (failed and told(RUNS_ROOT / "notifications.jsonl", run_id, "refused"))
+    # gate.on_fail: fail makes a refused candidate fail the run (its gate or export task): when the refusal
+    # reached someone, it was the notice; a failure of any other task is told as ever
+    refusal = failed and facts["failed_task"] in ("gate", "export")
+    send = not (refusal and told(RUNS_ROOT / "notifications.jsonl", run_id, "refused"))
     if not send:
         log.info(
             "run %s failed on its refused candidate, which was told: the failure is only recorded", run_id

@@ -11,10 +11,10 @@ key with its file path when two files share it) and rounded to 4 significant dig
     train.json   (train)     loss (last logged train loss), eval_loss, tok_s (tokens/s), steps
     eval.json    (evaluate)  <primary metric> of the candidate (e.g. token_f1), base, champ (the same
                              metric of the base model and the registered champion), ci_low (the lower CI
-                             bound of candidate - base, what the gate reads), gate (1 passed, 0 failed), unique (share of distinct
-                             candidate answers, when evaluate reports it), forget (the forgetting rule:
+                             bound of candidate - base, what the gate reads), gate (1 passed, 0 failed),
+                             unique (share of distinct candidate answers), forget (the forgetting rule:
                              general-text perplexity over the base's, minus 1), harness (the largest drop
-                             of an lm-evaluation-harness task's metric, base - candidate), when they ran
+                             of an lm-evaluation-harness task's metric, base - candidate), when reported
     export.json  (export)    parity (max |logit diff| ONNX vs PyTorch as a share of export.logits_atol:
                              <= 1 passes), size_mb (ONNX graph), p50_ms (per request as served, batch 1)
 

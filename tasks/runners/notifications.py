@@ -65,7 +65,8 @@ class Notice:
 
 
 def told(journal: Path, run_id: str, event: str) -> bool:
-    """Whether the journal holds an `event` notice for `run_id` (a refusal told before the run failed)."""
+    """Whether an `event` notice for `run_id` reached someone (a journal line with a channel in `sent_to`;
+    one that was only recorded, or whose channels all failed, does not count)."""
     try:
         lines = journal.read_text(encoding="utf-8").splitlines()
     except FileNotFoundError:
@@ -75,7 +76,7 @@ def told(journal: Path, run_id: str, event: str) -> bool:
             record = json.loads(line)
         except ValueError:
             continue
-        if record.get("run_id") == run_id and record.get("event") == event:
+        if record.get("run_id") == run_id and record.get("event") == event and record.get("sent_to"):
             return True
     return False
 

@@ -103,10 +103,10 @@ def test_a_refusal_that_fails_the_run_is_told_once(mailbox, tmp_path: Path, monk
         ("refused", ["email:oncall@example.com"]),
         ("failed", []),
     ]
-    # another run's failure is still mailed
-    other = "manual__2026-12-07T11:00:00+00:00"
-    ds.notify({"dag_run": types.SimpleNamespace(run_id=other, state="failed"), "ti": ti, "reason": "train"})
-    assert received[-1]["Subject"] == f"[qa-lora] run failed: {other}"
+    # the same run's failure of another task (retention after the refusal) is still mailed
+    later = types.SimpleNamespace(task_id="retention")
+    ds.notify({"dag_run": types.SimpleNamespace(run_id=RUN_ID, state="failed"), "ti": later, "reason": "x"})
+    assert received[-1]["Subject"] == f"[qa-lora] run failed: {RUN_ID}" and len(received) == 2
 
 
 def test_an_approval_waiting_is_mailed_with_the_version_and_the_report(mailbox) -> None:

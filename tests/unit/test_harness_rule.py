@@ -38,7 +38,14 @@ def test_the_rule_gates_on_the_largest_drop_over_the_tasks() -> None:
 
 def test_no_result_for_both_models_fails_rather_than_passing_silently() -> None:
     rule = harness_rule({"qa_lora_mc": _task(0.5)}, {"arc_easy": _task(0.5)}, max_regression=0.05)
-    assert not rule["passed"] and rule["value"] is None and "no harness task" in rule["detail"]
+    assert not rule["passed"] and rule["missing"] == ["arc_easy", "qa_lora_mc"]
+    assert "no higher-is-better metric for both models from arc_easy, qa_lora_mc" in rule["detail"]
+    # a task asked for that gave no figure fails the rule even when the others are fine
+    base = {"qa_lora_mc": _task(0.4), "mmlu": {"metric": None, "value": None, "stderr": None, "metrics": {}}}
+    partial = harness_rule({"qa_lora_mc": _task(0.5), "mmlu": base["mmlu"]}, base, max_regression=0.05)
+    assert (
+        not partial["passed"] and partial["missing"] == ["mmlu"] and partial["value"] == pytest.approx(-0.1)
+    )
 
 
 def test_the_local_task_asks_each_question_with_its_answer_among_other_answers() -> None:
