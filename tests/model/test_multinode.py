@@ -2,8 +2,10 @@
 node would start it (its own working directory, HOME and temp directory), sharing only the run directory,
 meeting at a c10d rendezvous.
 
-A run completes with world size 2 and global rank 0 alone writing; a node lost mid-run that never comes
-back ends the other node's task with one line naming the rendezvous and the timeout, not a hang.
+A run completes with world size 2 and global rank 0 alone writing; a worker killed mid-run is restarted
+by the agents and the group resumes from the last complete checkpoint to the same step and adapter; a
+node lost mid-run that never comes back ends the other node's task with one line naming the rendezvous
+and the timeout, not a hang.
 """
 
 from __future__ import annotations
@@ -99,12 +101,7 @@ def _kill_node(node: subprocess.Popen[bytes]) -> None:
     import psutil
 
     processes = [psutil.Process(node.pid), *psutil.Process(node.pid).children(recursive=True)]
-    workers = [
-        p
-        for p in processes
-        if "tasks.runners.launch" in (c := " ".join(p.cmdline())) and "torch.distributed.run" not in c
-    ]
-    assert len(workers) == 1
+    workers = _workers(processes)
     for process in processes:
         if process not in workers:
             process.kill()
@@ -170,6 +167,52 @@ def test_two_nodes_train_with_world_size_two_and_rank_0_alone_writes(uninterrupt
 
 
 PEFT_ADAPTER_FILES = {"adapter_config.json", "adapter_model.safetensors", "chat_format.json"}
+
+
+def _workers(processes: list[Any]) -> list[Any]:
+    """The training worker among a node's processes (not its torchrun agent): exactly one per node here."""
+    workers = [
+        p
+        for p in processes
+        if "tasks.runners.launch" in (c := " ".join(p.cmdline())) and "torch.distributed.run" not in c
+    ]
+    assert len(workers) == 1
+    return workers
+
+
+def _kill_worker(node: subprocess.Popen[bytes]) -> None:
+    """SIGKILL only the training worker of a node: its agent lives on and sees it die."""
+    import psutil
+
+    _workers(psutil.Process(node.pid).children(recursive=True))[0].kill()
+
+
+def test_a_lost_worker_is_restarted_and_resumes_from_the_last_checkpoint(
+    uninterrupted: dict[str, Any], tiny_base: Path, tmp_path: Path
+) -> None:
+    """Node 1's worker is killed mid-run: both agents restart the worker group, which resumes from the last
+    complete checkpoint on the shared directory and ends at the same step with the same adapter as the
+    uninterrupted run (same data order, RNG states from the checkpoint, no dropout)."""
+    from safetensors.torch import load_file
+
+    run_dir, params = _run_dir(tmp_path, tiny_base)
+    nodes = _two_nodes(tmp_path, run_dir, params)
+    _first_checkpoint(run_dir, nodes, tmp_path)
+    _kill_worker(nodes[1])
+    codes = _finish(*nodes)
+    logs = _log(tmp_path, "node0") + _log(tmp_path, "node1")
+    assert codes == [0, 0], logs[-6000:]
+    summary = json.loads((run_dir / "train" / "train_summary.json").read_text())
+    # resumed, not started over (rank 0's agent restarted on the membership change, which torch does not
+    # count in TORCHELASTIC_RESTART_COUNT: `worker_restarts` is node 1's affair)
+    assert summary["steps"] == STEPS and SAVE <= summary["resumed_from_step"] < STEPS
+    assert "resuming from" in logs and "checkpoint-" in logs.split("resuming from", 1)[1][:300]
+    reference = uninterrupted["summary"]
+    assert summary["eval_loss_after"] == pytest.approx(reference["eval_loss_after"], rel=1e-3)
+    ours = load_file(run_dir / "train" / "adapter" / "adapter_model.safetensors")
+    theirs = load_file(uninterrupted["run_dir"] / "train" / "adapter" / "adapter_model.safetensors")
+    assert ours.keys() == theirs.keys()
+    assert max(float((ours[k] - theirs[k]).abs().max()) for k in ours) < 1e-3
 
 
 def test_a_node_that_never_comes_back_ends_the_task_in_one_line(tiny_base: Path, tmp_path: Path) -> None:

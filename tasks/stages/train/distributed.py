@@ -160,6 +160,12 @@ def _worker_env(cfg: Config) -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PACKAGE_ROOT), env.get("PYTHONPATH", "")) if p)
     env["QA_LORA_ROOT"] = str(REPO_ROOT)  # the workers work on the same project as this process
+    if cfg.train.nnodes > 1:
+        # A fresh worker store each rendezvous round: the store the agents share by default outlives a
+        # restart with the dead workers' keys in it, and a new gloo worker can read its dead peer's address
+        # and wait in init_process_group (torch issue #135712; the store is built once in
+        # elastic/rendezvous/dynamic_rendezvous.py). Restarts hung in 3 of 5 trials with it shared.
+        env.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     if cfg.runtime.device == "cpu" or not _has_gpu():
         # N processes share the node's cores: more threads than cores each would thrash.
         n = cfg.train.num_processes
