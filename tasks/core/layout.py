@@ -187,6 +187,11 @@ RULE_PURPOSES = {
 }
 
 
+def gate_rule(gate: dict[str, Any], name: str) -> dict[str, Any]:
+    """The rule called `name` in a gate decision (gate.json's `rules`), or {} when it did not run."""
+    return next((r for r in gate.get("rules") or () if r.get("name") == name), {})
+
+
 def rule_purpose(name: str) -> str:
     """The sentence saying what the rule named `name` (e.g. `no_regression:token_f1[os]`) protects."""
     return RULE_PURPOSES.get(name.split(":", 1)[0].split("[", 1)[0], "")

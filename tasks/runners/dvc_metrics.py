@@ -35,7 +35,7 @@ from typing import Any
 
 from tasks.core.artifacts import read_json, write_json_atomic
 from tasks.core.errors import UserError
-from tasks.core.layout import RunLayout, read_gate
+from tasks.core.layout import RunLayout, gate_rule, read_gate
 
 log = logging.getLogger("qa_lora.dvc_metrics")
 
@@ -101,17 +101,9 @@ def _evaluate(layout: RunLayout) -> dict[str, Any]:
         "gate": int(bool(gate["passed"])),
         "unique": _num(unique, 3),
         # the forgetting rule: candidate perplexity on held-out general text over the base's, minus 1
-        "forget": _num(
-            next(
-                (r["value"] for r in gate.get("rules", []) if r["name"] == "max_general_ppl_increase"), None
-            ),
-            3,
-        ),
+        "forget": _num(gate_rule(gate, "max_general_ppl_increase").get("value"), 3),
         # lm-evaluation-harness: the largest drop of a task's headline metric, base minus candidate
-        "harness": _num(
-            next((r["value"] for r in gate.get("rules", []) if r["name"] == "max_harness_regression"), None),
-            3,
-        ),
+        "harness": _num(gate_rule(gate, "max_harness_regression").get("value"), 3),
     }
 
 

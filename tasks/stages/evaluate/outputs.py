@@ -18,7 +18,7 @@ from typing import Any
 
 from tasks.core.artifacts import atomic_dir
 from tasks.core.config import Config
-from tasks.core.layout import RunLayout
+from tasks.core.layout import RunLayout, gate_rule
 from tasks.stages.evaluate.harness import RULE as HARNESS_RULE
 from tasks.stages.evaluate.metrics import ROW_METRICS, bootstrap_ci, metric_array, slice_indices
 from tasks.stages.evaluate.records import (
@@ -100,7 +100,7 @@ def _metrics_json(ev: Evaluation) -> dict[str, Any]:
                 for m, ci in comp["overall"].items()
             }
     out["gate"] = {"passed": int(ev.gate["passed"]), "failed_rules": len(ev.gate["reasons"])}
-    harness = next((r["tasks"] for r in ev.gate["rules"] if r["name"] == HARNESS_RULE), None)
+    harness = gate_rule(ev.gate, HARNESS_RULE).get("tasks")
     if harness is not None:  # lm-evaluation-harness: per task, base and candidate on its headline metric
         out["harness"] = {
             task: {k: t[k] for k in ("metric", "base", "candidate", "change")} for task, t in harness.items()

@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from tasks.core.config import Config
-from tasks.core.layout import rule_purpose
+from tasks.core.layout import gate_rule, rule_purpose
 from tasks.stages.evaluate.harness import RULE as HARNESS_RULE
 from tasks.stages.evaluate.records import MODELS, TABLE_COLUMNS, Evaluation, gated_metrics
 
@@ -122,7 +122,7 @@ def _rules_section(ev: Evaluation) -> Lines:
 
 def _harness_section(ev: Evaluation) -> Lines:
     """lm-evaluation-harness: per task, base and candidate on its headline metric (± the harness's stderr)."""
-    tasks = next((r["tasks"] for r in ev.gate["rules"] if r["name"] == HARNESS_RULE), None)
+    tasks = gate_rule(ev.gate, HARNESS_RULE).get("tasks")
     if not tasks:
         return []
     lines = [
