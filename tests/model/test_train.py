@@ -617,18 +617,26 @@ def test_incomplete_checkpoints_are_not_resumed(tmp_path: Path) -> None:
     assert latest_complete_checkpoint(tmp_path) == good
 
 
-def test_fsdp_on_cpu_is_refused_not_trained_unsharded(tiny_base: Path, tmp_path: Path) -> None:
-    """accelerate enables FSDP for multi-GPU runs only: on CPU `fsdp` trained every process unsharded (as
-    DDP) under FSDP's name. The stage refuses it before any process starts, naming the fix."""
-    from tasks.stages.train import train_adapter
+def test_a_sharded_checkpoint_is_complete_once_every_shard_is_indexed(tmp_path: Path) -> None:
+    """FSDP writes each rank's shard of the weights and the optimizer (torch.distributed.checkpoint);
+    rank 0 writes `.metadata` last, once every shard is on disk: a folder without it was cut short."""
+    from tasks.stages.train.checkpoints import is_complete, latest_complete_checkpoint
 
-    run_dir = tmp_path / "run"
-    _write_split(run_dir)
-    cfg = load_config(
-        overrides=_overrides(
-            tmp_path, tiny_base, "train.distributed=fsdp", "train.num_processes=2", "runtime.device=cpu"
-        )
-    )
-    with pytest.raises(UserError, match=r"^train\.distributed=fsdp: FSDP shards the model only across GPUs"):
-        train_adapter(cfg, run_dir)
-    assert not (run_dir / "train" / "checkpoints" / "launch_params.yaml").exists()
+    def checkpoint(step: int, indexed: tuple[str, ...]) -> Path:
+        path = tmp_path / f"checkpoint-{step}"
+        for part in ("pytorch_model_fsdp_0", "optimizer_0"):
+            (path / part).mkdir(parents=True)
+            (path / part / "__0_0.distcp").write_bytes(b"x")
+            if part in indexed:
+                (path / part / ".metadata").write_bytes(b"x")
+        for name in ("scheduler.pt", "rng_state_0.pth", "rng_state_1.pth"):
+            (path / name).write_bytes(b"x")
+        (path / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+        return path
+
+    good = checkpoint(10, ("pytorch_model_fsdp_0", "optimizer_0"))
+    weights_cut = checkpoint(20, ("optimizer_0",))
+    optimizer_cut = checkpoint(30, ("pytorch_model_fsdp_0",))
+    assert is_complete(good)
+    assert not is_complete(weights_cut) and not is_complete(optimizer_cut)
+    assert latest_complete_checkpoint(tmp_path) == good

@@ -135,8 +135,9 @@ def is_complete(path: Path) -> bool:
     except (OSError, ValueError):
         return False
     step = step_of(path)
-    weights = (path / "adapter_model.safetensors").is_file() and (path / "adapter_config.json").is_file()
-    optimizer = any(path.glob("optimizer*"))
+    adapter = (path / "adapter_model.safetensors").is_file() and (path / "adapter_config.json").is_file()
+    weights = adapter or _written(path, "pytorch_model_fsdp*")  # FSDP: sharded
+    optimizer = _written(path, "optimizer*")
     return (
         state.get("global_step") == step
         and weights
@@ -144,6 +145,12 @@ def is_complete(path: Path) -> bool:
         and (path / "scheduler.pt").is_file()
         and any(path.glob("rng_state*.pth"))
     )
+
+
+def _written(path: Path, pattern: str) -> bool:
+    """A file matching `pattern` in `path`, or a sharded (torch.distributed.checkpoint) folder that is
+    whole: its `.metadata` is written last, by rank 0, once every rank's shard is on disk."""
+    return any(p.is_file() or (p / ".metadata").is_file() for p in path.glob(pattern))
 
 
 def latest_complete_checkpoint(ckpt_dir: Path) -> Path | None:

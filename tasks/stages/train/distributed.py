@@ -9,8 +9,8 @@ endpoint from `train.rdzv_endpoint` or the scheduler's environment) and `--max-r
 or a node fails, the agents restart the worker group, which resumes from the last complete checkpoint
 on the shared run directory; a node that does not come back within `train.rdzv_timeout_s` ends the task
 with one line naming the rendezvous. Each worker runs the same training process (process.train_process);
-the Trainer (accelerate underneath) sets up DDP (gloo on CPU, NCCL/RCCL on GPUs) or FSDP from the
-environment torchrun provides. Global rank 0 writes the outputs. No home-made process management:
+the Trainer (accelerate underneath) sets up DDP (gloo on CPU, NCCL/RCCL on GPUs) or FSDP2 from the
+environment torchrun provides (on CPU, FSDP through trainer.shard_on_cpu). Global rank 0 writes the outputs. No home-made process management:
 torchrun starts, watches, restarts and stops the workers.
 
 The worker entry point is a runner (tasks/runners/launch.py). It is named here by module path only:
@@ -45,23 +45,6 @@ def die_with_parent() -> None:
     """
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
-def check_sharding(cfg: Config, backend: str) -> None:
-    """FSDP shards only on GPUs: accelerate sets its FSDP mode for the multi-GPU distributed types, never
-    for MULTI_CPU (accelerate/state.py), so on CPU `train.distributed: fsdp` would train every process
-    unsharded, as DDP, under FSDP's name. Refused instead of pretended.
-
-    Raises:
-        UserError: fsdp with several processes on a machine without GPUs.
-    """
-    t = cfg.train
-    if t.distributed == "fsdp" and t.num_processes * t.nnodes > 1 and backend == "cpu":
-        raise UserError(
-            "train.distributed=fsdp: FSDP shards the model only across GPUs (accelerate enables it for "
-            "multi-GPU runs, not for processes on a CPU, where it would train unsharded as DDP); on this "
-            "machine set train.distributed: ddp"
-        )
 
 
 def launch_processes(cfg: Config, layout: RunLayout) -> None:

@@ -172,7 +172,7 @@ def load_model(cfg: Config, base: BaseRef, plan: Any) -> Any:
     }
     if plan.device == "cuda" and not (cfg.train.num_processes > 1 and cfg.train.distributed == "fsdp"):
         # Straight onto this process's GPU: N processes would otherwise each stage a full copy in host RAM.
-        # (FSDP loads on rank 0 only and broadcasts: cpu_ram_efficient_loading.)
+        # (FSDP: each process loads into host memory and fully_shard moves its shard to its GPU.)
         kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
     try:
         return AutoModelForCausalLM.from_pretrained(base.ref, **kwargs)

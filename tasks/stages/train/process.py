@@ -37,6 +37,7 @@ from tasks.stages.train.probe import apply_verdict, kernels_verdict, precision_v
 from tasks.stages.train.reporting import (
     build_summary,
     fail_mlflow_run,
+    held_params,
     make_reporter,
     mlflow_params,
     start_mlflow_run,
@@ -207,7 +208,7 @@ def build_trainer(ctx: Context, device: DeviceChoice, inputs: Inputs, callbacks:
     )
     data_facts = check_collation(trainer, inputs.chat, inputs.sft_rows)
     if ctx.world > 1 and cfg.train.distributed == "fsdp" and not trainer.is_fsdp_enabled:
-        # check_sharding refuses the known case (CPU) before launch; a library change must not slip through
+        # shard_on_cpu enters it on CPU; a library change must not slip through as unsharded training
         raise RuntimeError(
             "train.distributed=fsdp, but the Trainer did not enable FSDP: it would train unsharded"
         )
@@ -269,7 +270,10 @@ def save_adapter(ctx: Context, trainer: Any, tokenizer: Any, chat: Any) -> bool:
     if ctx.main and tmp.exists():
         shutil.rmtree(tmp)
     trainer.accelerator.wait_for_everyone()
-    trainer.save_model(str(tmp))
+    if trainer.is_fsdp_enabled:
+        gather_adapter(trainer, tmp, ctx.main)
+    else:
+        trainer.save_model(str(tmp))
     trainer.accelerator.wait_for_everyone()
     if not ctx.main:
         return False
@@ -282,3 +286,17 @@ def save_adapter(ctx: Context, trainer: Any, tokenizer: Any, chat: Any) -> bool:
         scrub_adapter_card(final_tmp / "README.md", ctx.cfg)
     shutil.rmtree(tmp, ignore_errors=True)
     return True
+
+
+def gather_adapter(trainer: Any, directory: Path, main: bool) -> None:
+    """FSDP: every process sends its shards of the *trained* weights to rank 0, which writes them as a
+    plain PEFT adapter. The frozen base is left sharded (gathering it would put a 70B base in rank 0's
+    memory); the Trainer's own save writes nothing under sharded checkpoints."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+    state = get_model_state_dict(trainer.model, options=options)
+    if main:
+        total = sum(p.numel() for p in trainer.model.parameters())  # a DTensor's numel is the full size
+        log.info("FSDP: rank 0 held %d of %d parameters (its shards)", held_params(trainer.model), total)
+        trainer.model.save_pretrained(str(directory), state_dict=state)

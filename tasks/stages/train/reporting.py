@@ -238,6 +238,7 @@ def build_summary(
         "lora": cfg.lora.model_dump(mode="json"),
         "trainable_params": inputs.trainable,
         "total_params": inputs.total,
+        "params_held_by_rank0": held_params(fit.trainer.model),  # its shards under FSDP
         "trainable_share": inputs.trainable / inputs.total,
         "train_rows": inputs.sft_rows,
         "replay_blocks": len(inputs.train_data) - inputs.sft_rows,  # general text against forgetting
@@ -263,6 +264,13 @@ def build_summary(
         "mlflow_run_id": fit.run_id,
         "library_versions": versions(),
     }
+
+
+def held_params(model: Any) -> int:
+    """Parameters in this process's memory: under FSDP its shards (the local part of each DTensor)."""
+    from torch.distributed.tensor import DTensor
+
+    return sum((p.to_local() if isinstance(p, DTensor) else p).numel() for p in model.parameters())
 
 
 def write_outputs(ctx: Context, summary: dict[str, Any], run_id: str | None) -> None:

@@ -27,7 +27,7 @@ from tasks.core.config import Config
 from tasks.core.layout import RunLayout
 from tasks.plumbing.loading import BaseRef, resolve_base
 from tasks.stages.train.checkpoints import finished_summary, prepare_output, training_fingerprint
-from tasks.stages.train.distributed import check_sharding, launch_processes
+from tasks.stages.train.distributed import launch_processes
 from tasks.stages.train.model import inspect_base
 from tasks.stages.train.probe import kernels_verdict, precision_verdict
 from tasks.stages.train.process import train_process
@@ -91,9 +91,6 @@ def _train(
 ) -> dict[str, Any]:
     """One process here, or N through torchrun; returns rank 0's summary."""
     if cfg.train.num_processes > 1 or cfg.train.nnodes > 1:
-        from tasks.plumbing.device import detect_capabilities
-
-        check_sharding(cfg, detect_capabilities(cfg.runtime.device).backend)
         _measure_once(cfg, layout, base, info)
         launch_processes(cfg, layout)
         return _rank0_summary(layout, training_fingerprint(cfg, layout))

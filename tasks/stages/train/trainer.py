@@ -59,9 +59,14 @@ def device_args(plan: Any, world: int, distributed: str, cpu_count: int) -> dict
         args["fsdp_config"] = {
             "version": 2,
             "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
-            "state_dict_type": "FULL_STATE_DICT",
+            # Each process writes its own shard of a checkpoint (torch.distributed.checkpoint): nothing
+            # is gathered to rank 0 every save_steps; the adapter is gathered once, at the end.
+            "state_dict_type": "SHARDED_STATE_DICT",
             "activation_checkpointing": plan.gradient_checkpointing,
-            "cpu_ram_efficient_loading": True,
+            # Every process has loaded the base before the Trainer starts the process group, so rank-0
+            # loading would only move the weights to meta and broadcast rank 0's copy; its re-tie on
+            # meta fails for tied embeddings trained in full ("attribute 'weight' already exists").
+            "cpu_ram_efficient_loading": False,
         }
     return args
 
@@ -113,16 +118,45 @@ def sft_config(cfg: Config, plan: Any, ckpt_dir: Path, world: int, cpu_count: in
     )
 
 
+class ProcessesMixin:
+    """The Trainer's data order and sharding across processes: the seeded, global-batch sampler, the
+    epoch it is set to on a resumed run, and FSDP where accelerate does not enable it (CPU)."""
+
+    _qa_sampler: EpochSampler | None = None
+    _qa_group_by_length = False
+
+    def create_accelerator_and_postprocess(self) -> None:
+        super().create_accelerator_and_postprocess()
+        if self.args.fsdp_plugin_args is not None and self.args.use_cpu and not self.is_fsdp_enabled:
+            shard_on_cpu(self)
+
+    def _get_train_sampler(self, train_dataset: Any = None) -> Any:
+        data = train_dataset if train_dataset is not None else self.train_dataset
+        a = self.args
+        global_batch = a.per_device_train_batch_size * a.gradient_accumulation_steps * max(1, a.world_size)
+        lengths = sequence_lengths(data) if self._qa_group_by_length else None
+        self._qa_sampler = EpochSampler(len(data), a.seed, global_batch, lengths)
+        return self._qa_sampler
+
+    def _run_epoch(self, *args: Any, **kwargs: Any) -> Any:
+        # A run of several processes resumed after its first epoch iterates a SkipBatchSampler over
+        # a BatchSamplerShard over the sampler, one level deeper than accelerate's set_epoch reaches:
+        # it replayed the first epoch's order (resumed != uninterrupted). Set the epoch here.
+        if self._qa_sampler is not None:
+            self._qa_sampler.set_epoch(kwargs["epoch"] if "epoch" in kwargs else args[1])
+        return super()._run_epoch(*args, **kwargs)
+
+
 def trainer_class() -> type:
-    """SFTTrainer with the seeded, global-batch length-grouped sampler, where it is faster the model's
-    own loss instead of TRL's fused LM head, and two per-step parameter walks of the Trainer done once.
+    """SFTTrainer with ProcessesMixin (sampler, resumed epochs, FSDP on CPU), where it is faster the
+    model's own loss instead of TRL's fused LM head, and two per-step parameter walks done once.
 
     Extra constructor keywords: `group_by_length` (bool) and `plain_loss` (bool, for CPUs).
     """
     from transformers import Trainer
     from trl import SFTTrainer
 
-    class QATrainer(SFTTrainer):
+    class QATrainer(ProcessesMixin, SFTTrainer):
         def __init__(
             self, *args: Any, group_by_length: bool, plain_loss: bool = False, **kwargs: Any
         ) -> None:
@@ -163,13 +197,28 @@ def trainer_class() -> type:
                 self._qa_trainable = [p for p in model.parameters() if p.requires_grad]
             return self.accelerator.clip_grad_norm_(self._qa_trainable, self.args.max_grad_norm)
 
-        def _get_train_sampler(self, train_dataset: Any = None) -> Any:
-            data = train_dataset if train_dataset is not None else self.train_dataset
-            a = self.args
-            global_batch = (
-                a.per_device_train_batch_size * a.gradient_accumulation_steps * max(1, a.world_size)
-            )
-            lengths = sequence_lengths(data) if self._qa_group_by_length else None
-            return EpochSampler(len(data), a.seed, global_batch, lengths)
-
     return QATrainer
+
+
+def shard_on_cpu(trainer: Any) -> None:
+    """FSDP across CPU processes: accelerate's own FSDP2 path, entered where accelerate does not enter it.
+
+    accelerate sets its FSDP distributed type only for GPU-like multi-device types (accelerate/state.py),
+    so on CPU `train.distributed: fsdp` would train every process unsharded, as DDP. torch's
+    `fully_shard` runs on CPU with gloo: this sets the distributed type (on PartialState too, which
+    every later AcceleratorState() copies it from) and the Trainer's FSDP plugin, as accelerate does on
+    a GPU node. What follows is accelerate's and the Trainer's FSDP code: wrapping, sharded
+    checkpoints, resume. A GPU run never comes here (accelerate enabled FSDP itself).
+    """
+    from accelerate import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    state = trainer.accelerator.state
+    if state.distributed_type != DistributedType.MULTI_CPU:
+        return  # left to build_trainer's check: a library change must not train unsharded silently
+    plugin = FullyShardedDataParallelPlugin(**trainer.args.fsdp_plugin_args)
+    if state.mixed_precision != "no":
+        plugin.set_mixed_precision(state.mixed_precision)
+    state.distributed_type = PartialState().distributed_type = DistributedType.FSDP
+    state.fsdp_plugin = plugin
+    trainer.is_fsdp_enabled = True
