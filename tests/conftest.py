@@ -64,6 +64,8 @@ LONGEST_FIRST = (
     "tests/e2e/test_dvc_e2e.py",  # 290
     "tests/e2e/test_airflow_services.py",  # 237
     "tests/e2e/test_airflow_e2e.py",  # 190
+    "tests/model/test_multinode.py",  # 190: three 2-node trainings, one restarted
+    "tests/model/test_fsdp.py",  # 170: four 2-process trainings and an export
     "tests/e2e/test_airflow_services_celery.py",  # 121
 )
 
