@@ -65,10 +65,13 @@ def _train(params: Path, run_dir: Path, *sets: str, wait: bool = True) -> subpro
     command = [QA_LORA, "train", "--params", str(params), "--run-dir", str(run_dir)]
     command += [arg for value in sets for arg in ("--set", value)]
     env = {**os.environ, "QA_LORA_ROOT": str(REPO_ROOT)}
-    log = (run_dir / f"train-{len(list(run_dir.glob('train-*.log')))}.log").open("wb")
-    process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    log = run_dir / f"train-{len(list(run_dir.glob('train-*.log')))}.log"
+    with log.open("wb") as out:  # the child keeps its own copy of the descriptor
+        process = subprocess.Popen(
+            command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
     if wait:
-        assert process.wait(timeout=600) == 0, Path(log.name).read_text(errors="replace")[-4000:]
+        assert process.wait(timeout=600) == 0, log.read_text(errors="replace")[-4000:]
     return process
 
 
@@ -135,7 +138,7 @@ def test_a_killed_fsdp_run_resumes_from_its_last_sharded_checkpoint(runs: dict[s
     for process in processes:  # kill -9 the stage, torchrun and both workers, as a lost machine
         process.kill()
     psutil.wait_procs(processes, timeout=30)
-    assert not _summary_exists(run_dir)
+    assert not (run_dir / "train" / "train_summary.json").exists()
 
     _train(runs["params"], run_dir)
     summary = _summary(run_dir)
@@ -143,10 +146,6 @@ def test_a_killed_fsdp_run_resumes_from_its_last_sharded_checkpoint(runs: dict[s
     assert summary["steps"] == STEPS
     assert summary["eval_loss_after"] == pytest.approx(_summary(runs["fsdp"])["eval_loss_after"], rel=1e-4)
     assert _max_diff(_adapter(run_dir), _adapter(runs["fsdp"])) < ADAPTER_ATOL
-
-
-def _summary_exists(run_dir: Path) -> bool:
-    return (run_dir / "train" / "train_summary.json").exists()
 
 
 def test_the_gathered_adapter_loads_in_plain_peft_merges_and_exports(

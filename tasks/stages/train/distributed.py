@@ -10,8 +10,8 @@ or a node fails, the agents restart the worker group, which resumes from the las
 on the shared run directory; a node that does not come back within `train.rdzv_timeout_s` ends the task
 with one line naming the rendezvous. Each worker runs the same training process (process.train_process);
 the Trainer (accelerate underneath) sets up DDP (gloo on CPU, NCCL/RCCL on GPUs) or FSDP2 from the
-environment torchrun provides (on CPU, FSDP through trainer.shard_on_cpu). Global rank 0 writes the outputs. No home-made process management:
-torchrun starts, watches, restarts and stops the workers.
+environment torchrun provides (on CPU, FSDP through trainer.shard_on_cpu). Global rank 0 writes the
+outputs. No home-made process management: torchrun starts, watches, restarts and stops the workers.
 
 The worker entry point is a runner (tasks/runners/launch.py). It is named here by module path only:
 imports go runners -> stages, never back.
